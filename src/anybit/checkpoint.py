@@ -1,0 +1,180 @@
+"""Checkpoints: tensors in safetensors, everything else in a JSON sidecar.
+
+``anybit.save(model, "run/model")`` writes ``run/model.safetensors`` and ``run/model.json``;
+``anybit.load("run/model")`` rebuilds the architecture (registry models), converts it with the
+saved :class:`QuantSpec` and loads the tensors. Nothing is ever unpickled. Both files are
+written to temporary names and renamed, so an interrupted save never leaves a half-written
+checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .quant import QuantSpec, SwitchableBatchNorm, convert, get_precision, quant_layers, set_precision
+
+FORMAT = "anybit-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the given path."""
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(tensors, sidecar)`` paths for a checkpoint given as a directory, a stem or either file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model"
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _atomic_write(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(target: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+
+    _atomic_write(Path(target), write)
+
+
+def _json_default(obj):
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Save ``model`` (tensors + JSON sidecar); ``metadata`` (bits trained, method, ...) goes
+    into the sidecar. Returns the tensors' path."""
+    tensors_path, sidecar_path = checkpoint_paths(path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": dict(getattr(model, "anybit_meta", {}) or {}),
+        "precision": {n: list(p) for n, p in get_precision(model).items()} if quant_layers(model) else {},
+        "switchable_bn": {n: m.active for n, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)},
+        "metadata": metadata,
+    }
+    _atomic_write(tensors_path, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    write_json(sidecar_path, sidecar)
+    return tensors_path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a checkpoint, validated, without loading any tensor."""
+    tensors_path, sidecar_path = checkpoint_paths(path)
+    if not tensors_path.is_file() or not sidecar_path.is_file():
+        missing = [str(p) for p in (tensors_path, sidecar_path) if not p.is_file()]
+        raise CheckpointNotFoundError(
+            f"no anybit checkpoint at {path}: missing {', '.join(missing)} "
+            f"(expected NAME.safetensors and NAME.json written by anybit.save or anybit train)"
+        )
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not an anybit checkpoint sidecar (no 'format': '{FORMAT}')")
+    if sidecar.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{sidecar_path} has format version {sidecar['format_version']}, newer than this anybit "
+            f"reads ({FORMAT_VERSION}); upgrade anybit"
+        )
+    return sidecar
+
+
+def _build(sidecar: dict, path) -> nn.Module:
+    from . import models
+
+    info = sidecar.get("model", {})
+    if "arch" not in info:
+        raise CheckpointError(
+            f"checkpoint {path} does not name a registered architecture; pass the float model "
+            f"to rebuild into: anybit.load(path, model=my_model)"
+        )
+    return models.create(info["arch"], **info.get("arch_kwargs", {}))
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint written by :func:`save`.
+
+    Without ``model`` the architecture is rebuilt from the registry; with ``model`` (a float
+    model of the same architecture, e.g. a torchvision network) the tensors are loaded into it.
+    The model is converted with the saved quantization spec and restored to the saved precision.
+    """
+    sidecar = read_metadata(path)
+    tensors_path, _ = checkpoint_paths(path)
+    try:
+        state = load_file(str(tensors_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tensors_path} could not be read as safetensors ({e}); the checkpoint is corrupt") from e
+
+    if model is None:
+        model = _build(sidecar, path)
+    info = sidecar.get("model", {})
+    if "quant_spec" in info and not quant_layers(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(model, QuantSpec.from_dict(info["quant_spec"]))
+    arch = info.get("arch", "a custom model")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = str(e).split("\n\t", 1)[-1][:300]
+        raise CheckpointError(f"checkpoint {path} (architecture {arch}) does not fit this model: {detail}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {path} (architecture {arch}) does not fit this model: "
+            f"{len(result.missing_keys)} tensors missing (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+    model.anybit_meta = {**info, "checkpoint": sidecar.get("metadata", {})}
+    saved_precision = {n: tuple(p) for n, p in sidecar.get("precision", {}).items()}
+    if saved_precision:
+        layers = quant_layers(model)
+        unknown = sorted(set(saved_precision) - set(layers))
+        if unknown:
+            raise CheckpointError(f"checkpoint {path} (architecture {arch}) names layers this model lacks: {unknown[:3]}")
+        for name, pair in saved_precision.items():  # exact per-layer state; pinned layers may differ
+            layers[name].set_bits(*pair)
+    if "switchable_bn" in sidecar:
+        for name, active in sidecar["switchable_bn"].items():
+            model.get_submodule(name).active = active
+    elif saved_precision:  # older sidecars: derive the active BatchNorms from the precision
+        set_precision(model, saved_precision)
+    return model

@@ -1,0 +1,46 @@
+"""Accuracy and loss of a model at one or several precisions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .progress import progress
+from .quant import precision
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+             desc: str = "eval", quiet: bool = False) -> dict:
+    """Top-1 accuracy (percent), mean cross-entropy and sample count at the model's current precision."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    start = time.perf_counter()
+    try:
+        for images, labels in progress(loader, desc=desc, quiet=quiet):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation data is empty")
+    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total,
+            "seconds": time.perf_counter() - start}
+
+
+def evaluate_bits(model: nn.Module, loader: Iterable, bits: Iterable[int], device: str | torch.device = "cpu",
+                  quiet: bool = False) -> dict[int, dict]:
+    """:func:`evaluate` at each uniform bit-width in ``bits``; the model's precision is restored."""
+    results = {}
+    for b in bits:
+        with precision(model, b):
+            results[b] = evaluate(model, loader, device, desc=f"eval {b}-bit", quiet=quiet)
+    return results

@@ -1,0 +1,82 @@
+"""Model registry: ``anybit.models.create(name, **kw)`` builds reference architectures by name.
+
+Names: ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56`` (CIFAR-style, ``width``,
+``num_classes``, ``in_channels``) and ``torchvision.<name>`` for any torchvision classifier
+(random init, ``num_classes``). The returned model records its name and arguments in
+``model.anybit_meta`` so a checkpoint can rebuild it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from .resnet_cifar import CifarResNet
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not in the registry."""
+
+
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(width: float = 1.0, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        return CifarResNet(depth, width=width, num_classes=num_classes, in_channels=in_channels)
+
+    build.__doc__ = f"CIFAR-style ResNet-{depth} (width multiplier, classes, input channels)."
+    return build
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {f"resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56)}
+
+
+def register(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add an architecture (a builder taking keyword arguments) under ``name``."""
+    _REGISTRY[name] = builder
+
+
+def available() -> list[str]:
+    """Registered names (``torchvision.<name>`` is accepted too)."""
+    return sorted(_REGISTRY)
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    import torchvision.models as tvm
+
+    tv_name = name.split(".", 1)[1]
+    if tv_name not in tvm.list_models(module=tvm):
+        hint = difflib.get_close_matches(tv_name, tvm.list_models(module=tvm), n=3)
+        raise UnknownModelError(
+            f"torchvision has no classification model {tv_name!r}" + (f"; close: {hint}" if hint else "")
+        )
+
+    def build(num_classes: int = 1000, in_channels: int = 3, **kw) -> nn.Module:
+        if in_channels != 3:
+            raise ValueError(f"torchvision models take 3 input channels, not {in_channels}")
+        return tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kw)
+
+    return build
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    """Build the model called ``name`` with ``kwargs`` (e.g. ``create("resnet20", width=5)``)."""
+    if name.startswith("torchvision."):
+        builder = _torchvision_builder(name)
+    elif name in _REGISTRY:
+        builder = _REGISTRY[name]
+    else:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        raise UnknownModelError(
+            f"unknown model {name!r}: expected one of {available()} or torchvision.<name>"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kwargs) - set(params))
+        if bad:
+            raise ValueError(f"model {name!r} does not take {bad}: it takes {sorted(params)}")
+    model = builder(**kwargs)
+    model.anybit_meta = {"arch": name, "arch_kwargs": dict(kwargs)}
+    return model

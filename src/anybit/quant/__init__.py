@@ -1,0 +1,37 @@
+"""Quantizers, quantizable layers, conversion of any model and precision control."""
+
+from .convert import ConversionReport, NothingToQuantizeError, conversion_report, convert
+from .bitlist import parse_bit_list
+from .calibrate import calibrate_activations
+from .functional import FLOAT_BITS, VALID_BITS, BitsError, check_bits, round_ste, weight_bias_correction
+from .modules import (
+    QUANT_LAYER_TYPES,
+    QuantConv2d,
+    QuantLinear,
+    QuantModule,
+    QuantMultiheadAttention,
+    PrecisionNotTrainedError,
+    SwitchableBatchNorm,
+    precision_key,
+)
+from .precision import (
+    LayerInfo,
+    NotConvertedError,
+    UnknownLayerError,
+    get_precision,
+    precision,
+    quant_layers,
+    quantizable_layers,
+    set_precision,
+)
+from .quantizers import ActQuantizer, RangeNotCalibratedError, WeightQuantizer
+from .spec import QuantSpec, SpecError
+
+__all__ = [
+    "ActQuantizer", "BitsError", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
+    "NothingToQuantizeError", "QUANT_LAYER_TYPES", "QuantConv2d", "QuantLinear", "QuantModule",
+    "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",
+    "VALID_BITS", "WeightQuantizer", "parse_bit_list", "check_bits", "conversion_report", "convert", "get_precision",
+    "precision", "precision_key", "quant_layers", "quantizable_layers", "round_ste", "set_precision",
+    "weight_bias_correction",
+]

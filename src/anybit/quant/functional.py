@@ -1,0 +1,170 @@
+"""Quantizer functions: straight-through rounding and uniform fake quantization.
+
+Every function maps a float tensor to a float tensor that lies on a ``bits``-bit grid
+("fake quantization"), so the result can be used by ordinary float kernels and trained
+through the straight-through estimator (STE). ``bits=32`` returns the input unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_BITS = 32
+VALID_BITS = tuple(range(1, 17)) + (FLOAT_BITS,)
+
+
+class BitsError(ValueError):
+    """A bit-width outside 1..16 or 32."""
+
+
+def check_bits(bits: int | None, what: str = "bits") -> int:
+    """Return ``bits`` as an int (``None`` means 32, float) or raise :class:`BitsError`."""
+    if bits is None:
+        return FLOAT_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+        raise BitsError(
+            f"{what}={bits!r} is not a valid bit-width: expected an integer in 1..16, "
+            f"or 32 for full precision"
+        )
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _channel_view(stat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-output-channel statistic so it broadcasts against ``like``."""
+    return stat.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _reduce(w: torch.Tensor, per_channel: bool, fn) -> torch.Tensor:
+    if per_channel and w.dim() > 1:
+        return _channel_view(fn(w.reshape(w.shape[0], -1), dim=1), w)
+    return fn(w.reshape(1, -1), dim=1).reshape(())
+
+
+def _amax(t, dim):
+    return t.abs().amax(dim=dim)
+
+
+def _mean_abs(t, dim):
+    return t.abs().mean(dim=dim)
+
+
+def binary_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """1-bit weights: ``sign(w) * mean|w|`` (XNOR-Net style), with STE gradients.
+
+    Zeros map to the positive level so that every weight takes one of two values.
+    """
+    scale = _reduce(w.detach(), per_channel, _mean_abs)
+    sign = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    # value + (w - w.detach()) is exactly the value (w + (value - w) is not, in float), gradient 1
+    return (sign * scale).detach() + (w - w.detach())
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Affine fake quantization ``(clamp(round(x/scale) + zp, qmin, qmax) - zp) * scale``.
+
+    Rounding uses the STE; gradients reach ``x`` inside the range and ``scale``/``zero_point``
+    through the STE as in LSQ, so learnable ranges train with it.
+    """
+    q = clamp_ste(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def clamp_ste(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``clamp`` whose gradient is 1 on the closed range ``[lo, hi]`` (the STE clip mask).
+
+    ``torch.clamp`` gives no gradient to values exactly at a bound, which would freeze the
+    weights that set the range (the largest |w| of every channel) during training.
+    """
+    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
+
+
+def symmetric_weight(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
+    """Signed symmetric uniform quantization on ``2**(bits-1) - 1`` levels each side of zero."""
+    if bits == FLOAT_BITS:
+        return w
+    if bits == 1:
+        return binary_weight(w, per_channel)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (_reduce(w.detach(), per_channel, _amax) / qmax).clamp_min(1e-12)
+    zero = torch.zeros_like(scale)
+    return fake_quant(w, scale, zero, -qmax, qmax)
+
+
+def minmax_scale_zero_point(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of an unsigned ``bits``-bit grid covering ``[lo, hi]``.
+
+    The range is widened to include 0 so that zero is exactly representable.
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero_point = clamp_ste(round_ste(-lo / scale), 0, levels)
+    return scale, zero_point
+
+
+def asymmetric_weight(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
+    """Unsigned asymmetric uniform quantization between the (per-channel) min and max."""
+    if bits == FLOAT_BITS:
+        return w
+    if bits == 1:
+        return binary_weight(w, per_channel)
+    lo = _reduce(w.detach(), per_channel, lambda t, dim: t.amin(dim=dim))
+    hi = _reduce(w.detach(), per_channel, lambda t, dim: t.amax(dim=dim))
+    scale, zero_point = minmax_scale_zero_point(lo, hi, bits)
+    return fake_quant(w, scale, zero_point, 0, 2**bits - 1)
+
+
+def dorefa_weight(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    """DoReFa / Any-Precision weight quantizer.
+
+    ``tanh`` squashes the weights, they are normalised to [0, 1], rounded to ``bits`` bits,
+    mapped back to [-1, 1] and scaled by ``mean|w|`` (per tensor, or per output channel).
+    """
+    if bits == FLOAT_BITS:
+        return w
+    if bits == 1:
+        return binary_weight(w, per_channel)
+    t = torch.tanh(w)
+    t = t / _reduce(t.detach(), per_channel, _amax).clamp_min(1e-12) * 0.5 + 0.5
+    levels = 2**bits - 1
+    q = round_ste(t * levels) / levels
+    return (2 * q - 1) * _reduce(w.detach(), per_channel, _mean_abs)
+
+
+WEIGHT_QUANTIZERS = {
+    "dorefa": dorefa_weight,
+    "symmetric": symmetric_weight,
+    "asymmetric": asymmetric_weight,
+}
+
+
+def weight_bias_correction(
+    w: torch.Tensor, w_q: torch.Tensor, detach: bool = True, eps: float = 1e-12
+) -> torch.Tensor:
+    """Give each output channel of ``w_q`` the mean and std of the float weight ``w``.
+
+    ``Ŵ_c = (Q(W)_c - mean(Q(W)_c)) * std(W_c) / std(Q(W)_c) + mean(W_c)``. A channel whose
+    quantized values are all equal has no spread to rescale and becomes ``mean(W_c)``.
+    """
+    flat_q = w_q.reshape(w_q.shape[0], -1)
+    flat_w = w.reshape(w.shape[0], -1)
+    if detach:
+        flat_w = flat_w.detach()
+    stats_q = flat_q.detach() if detach else flat_q
+    mean_q = stats_q.mean(dim=1)
+    std_q = stats_q.std(dim=1, unbiased=False)
+    mean_w = flat_w.mean(dim=1)
+    std_w = flat_w.std(dim=1, unbiased=False)
+    gain = torch.where(std_q > eps, std_w / std_q.clamp_min(eps), torch.zeros_like(std_q))
+    out = (flat_q - mean_q[:, None]) * gain[:, None] + mean_w[:, None]
+    return out.reshape(w_q.shape)

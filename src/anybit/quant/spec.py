@@ -1,0 +1,72 @@
+"""``QuantSpec``: everything about how a model is quantized, in one small dataclass that is
+validated up front and written to (and read back from) a checkpoint's JSON sidecar."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .functional import WEIGHT_QUANTIZERS, check_bits
+
+
+class SpecError(ValueError):
+    """An invalid quantization setting."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How :func:`anybit.convert` quantizes a model.
+
+    weight: weight quantizer, ``"dorefa"`` (Any-Precision style), ``"symmetric"`` or ``"asymmetric"``.
+    weight_per_channel: per-output-channel ranges; ``None`` = per-tensor for dorefa, per-channel otherwise.
+    act: activation range ``"learned"`` (LSQ-style, starts at the first batch's min/max) or ``"fixed"``.
+    act_range: the fixed range (or the starting value of a learned one before data is seen).
+    wbc: weight bias correction (per-channel mean/std of the quantized weight matched to the float one).
+    wbc_detach: treat the correction's statistics as constants in the backward pass.
+    bn: ``"shared"`` (one BatchNorm for all precisions) or ``"switchable"`` (one per precision in ``bn_bits``).
+    bn_bits: precisions that get their own BatchNorm when ``bn="switchable"``.
+    keep_first_last: pin the first and last quantizable layers at this bit-width (``None``: not pinned).
+    skip: layer names or glob patterns left in float.
+    """
+
+    weight: str = "dorefa"
+    weight_per_channel: bool | None = None
+    act: str = "learned"
+    act_range: tuple[float, float] = (0.0, 1.0)
+    wbc: bool = False
+    wbc_detach: bool = True
+    bn: str = "shared"
+    bn_bits: tuple[int, ...] = ()
+    keep_first_last: int | None = None
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.weight not in WEIGHT_QUANTIZERS:
+            raise SpecError(f"weight={self.weight!r} is unknown: expected one of {sorted(WEIGHT_QUANTIZERS)}")
+        if self.act not in ("learned", "fixed"):
+            raise SpecError(f"act={self.act!r} is unknown: expected 'learned' or 'fixed'")
+        if self.bn not in ("shared", "switchable"):
+            raise SpecError(f"bn={self.bn!r} is unknown: expected 'shared' or 'switchable'")
+        object.__setattr__(self, "act_range", tuple(float(v) for v in self.act_range))
+        object.__setattr__(self, "bn_bits", tuple(check_bits(b, "bn_bits") for b in self.bn_bits))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.bn == "switchable" and not self.bn_bits:
+            raise SpecError("bn='switchable' needs bn_bits, the precisions that get their own BatchNorm")
+        if self.keep_first_last is not None:
+            check_bits(self.keep_first_last, "keep_first_last")
+
+    @property
+    def per_channel(self) -> bool:
+        if self.weight_per_channel is None:
+            return self.weight != "dorefa"
+        return self.weight_per_channel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown quantization settings {sorted(unknown)}: expected some of {sorted(known)}")
+        return cls(**data)
