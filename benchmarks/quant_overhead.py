@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     configs = {
-        "dorefa, per-tensor (Any-Precision)": anybit.QuantSpec(weight="dorefa"),
+        "dorefa, fixed [0, 1] activations (Any-Precision)": anybit.QuantSpec(weight="dorefa", act="fixed"),
+        "dorefa, learned activation range": anybit.QuantSpec(weight="dorefa"),
         "dorefa + weight bias correction (emqnet)": anybit.QuantSpec(weight="dorefa", wbc=True),
         "symmetric per-channel": anybit.QuantSpec(weight="symmetric"),
     }

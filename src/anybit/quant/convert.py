@@ -97,7 +97,7 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
             quant = qcls.from_float(
                 module,
                 weight_quant=WeightQuantizer(spec.weight, spec.per_channel),
-                input_quant=ActQuantizer(spec.act, spec.act_range),
+                input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float),
                 wbc=spec.wbc,
                 wbc_detach=spec.wbc_detach,
             )

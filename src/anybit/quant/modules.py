@@ -48,6 +48,11 @@ class QuantModule:
     def is_float(self) -> bool:
         return self.w_bits == FLOAT_BITS and self.a_bits == FLOAT_BITS
 
+    @property
+    def runs_float_forward(self) -> bool:
+        """At full precision and without input clipping (``QuantSpec.act_clip_float`` spares pinned layers)."""
+        return self.is_float and (self.pinned is not None or not getattr(self.input_quant, "clip_float", False))
+
     def set_bits(self, w_bits: int, a_bits: int) -> None:
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
@@ -92,7 +97,7 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         return q.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_float:
+        if self.runs_float_forward:
             return super().forward(x)
         return self._conv_forward(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
 
@@ -115,7 +120,7 @@ class QuantLinear(nn.Linear, QuantModule):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_float:
+        if self.runs_float_forward:
             return super().forward(x)
         return F.linear(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
 

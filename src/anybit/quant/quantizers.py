@@ -113,8 +113,10 @@ class ActQuantizer(_PerBitRanges):
     precedence at that bit-width.
     """
 
-    def __init__(self, mode: str = "learned", init_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(self, mode: str = "learned", init_range: tuple[float, float] = (0.0, 1.0),
+                 clip_float: bool = False) -> None:
         super().__init__()
+        self.clip_float = clip_float  # clip (without rounding) at 32 bits too: QuantSpec.act_clip_float
         if mode not in ("learned", "fixed"):
             raise ValueError(f"activation quantizer mode {mode!r} is unknown: expected 'learned' or 'fixed'")
         self.mode = mode
@@ -146,6 +148,8 @@ class ActQuantizer(_PerBitRanges):
 
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FLOAT_BITS:
+            if self.clip_float and (self.mode == "fixed" or bool(self.initialized)):
+                return torch.clamp(x, self.lo, self.hi)
             return x
         lo, hi = self.range_for(bits)
         if lo is self.lo and not bool(self.initialized):
@@ -156,8 +160,11 @@ class ActQuantizer(_PerBitRanges):
                 )
             self.init_range(x.detach().amin(), x.detach().amax())
         scale, zero_point = minmax_scale_zero_point(lo, hi, bits)
-        # One fused kernel (forward and LSQ-style backward) instead of ~8 elementwise passes over
-        # the activation: this is what keeps quantized training close to float speed.
+        # Fused kernels (forward and backward in one pass each) instead of ~8 elementwise passes
+        # over the activation: this is what keeps quantized training close to float speed.
+        if not (lo.requires_grad or hi.requires_grad):
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(1).float(), zero_point.reshape(1).int(), 0, 2**bits - 1)
         grad_factor = 1.0 / (x.numel() * (2**bits - 1)) ** 0.5
         return torch._fake_quantize_learnable_per_tensor_affine(
             x, scale.reshape(1).to(x.dtype), zero_point.reshape(1).to(x.dtype), 0, 2**bits - 1, grad_factor

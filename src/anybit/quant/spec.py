@@ -20,6 +20,9 @@ class QuantSpec:
     weight_per_channel: per-output-channel ranges; ``None`` = per-tensor for dorefa, per-channel otherwise.
     act: activation range ``"learned"`` (LSQ-style, starts at the first batch's min/max) or ``"fixed"``.
     act_range: the fixed range (or the starting value of a learned one before data is seen).
+    act_clip_float: also clip the input of every quantizable layer that is not pinned to the activation
+        range at 32 bits (a clipped-ReLU float path), so that one shared BatchNorm sees the same activation
+        distribution at every precision (the emqnet method). Off: 32 bits is exactly the float model.
     wbc: weight bias correction (per-channel mean/std of the quantized weight matched to the float one).
     wbc_detach: treat the correction's statistics as constants in the backward pass.
     bn: ``"shared"`` (one BatchNorm for all precisions) or ``"switchable"`` (one per precision in ``bn_bits``).
@@ -32,6 +35,7 @@ class QuantSpec:
     weight_per_channel: bool | None = None
     act: str = "learned"
     act_range: tuple[float, float] = (0.0, 1.0)
+    act_clip_float: bool = False
     wbc: bool = False
     wbc_detach: bool = True
     bn: str = "shared"

@@ -1,0 +1,178 @@
+"""``anybit train``: train one network for a list of bit-widths (dedicated, anyprecision, emqnet)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from anybit import data as anydata
+from anybit import models
+from anybit.quant import parse_bit_list
+from anybit.train import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, MultiBitTrainer, TrainConfig
+from anybit.train.config import OPTIMIZERS, SCHEDULES
+from anybit.train.state import has_state, read_state_header
+from anybit.train.trainer import check_same_config
+
+from .common import (
+    CLIError,
+    add_data_args,
+    add_run_args,
+    positive_int,
+    prepare_out_dir,
+    resolve_device,
+    seed_everything,
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train one network for many bit-widths",
+        description="Train one network for a list of bit-widths and write the checkpoint, run.json, log.csv "
+                    "and accuracy.png into --out. Methods: emqnet (weight bias correction, shared BatchNorm, "
+                    "bit-wise coreset), anyprecision (one BatchNorm per bit-width), dedicated (one model per "
+                    "bit-width). Evaluates on the test split after each epoch.",
+    )
+    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56 or torchvision.<name> "
+                                                       "(default: %(default)s)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the CIFAR ResNets (default: 1)")
+    add_data_args(p)
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, repeatable (e.g. image_size=28; synthetic: num_samples=512)")
+    p.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N samples")
+    p.add_argument("--test-subset", type=positive_int, help="evaluate on a fixed random subset of N test samples")
+    p.add_argument("--bits", default="1,2,4,8,32", help="bit-widths to train (default: %(default)s)")
+    p.add_argument("--method", default="emqnet", help=f"{', '.join(METHOD_NAMES)} (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="epochs (default: %(default)s)")
+    p.add_argument("--optimizer", default="sgd", help=f"{', '.join(OPTIMIZERS)} (default: %(default)s)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.1 for sgd, 0.001 for adam)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    p.add_argument("--weight-decay", type=float, help="weight decay on weights (default: 5e-4 sgd, 0 adam)")
+    p.add_argument("--schedule", default="cosine", help=f"{', '.join(SCHEDULES)} (default: %(default)s)")
+    p.add_argument("--distill", help=f"{', '.join(DISTILL_CHOICES)} (default: recursive; none for dedicated)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="on the top precision's labels (default: 0)")
+    p.add_argument("--keep-first-last", default="32",
+                   help="bit-width of the first and last layer, or 'none' to quantize them too (default: 32)")
+    p.add_argument("--coreset-fraction", type=float,
+                   help="share of the data each bit-width sees per epoch (default: 0.2 for emqnet; 1 = off)")
+    p.add_argument("--coreset-score", default="el2n", help=f"{', '.join(CORESET_SCORES)} (default: %(default)s)")
+    p.add_argument("--coreset-refresh", type=int, default=0, metavar="R",
+                   help="re-score every R epochs (default: 0, scored once)")
+    p.add_argument("--coreset-warmup", type=int, default=0, metavar="E",
+                   help="epochs on random subsets before the first scoring (default: 0)")
+    p.add_argument("--eval-every", type=int, default=1, metavar="E",
+                   help="evaluate on the test split every E epochs; 0 = at the end only (default: 1)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_data_options(items: list[str]) -> dict:
+    """``["num_samples=512", ...]`` → ``{"num_samples": 512}`` (ints and floats converted)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--data-option {item!r} is not KEY=VALUE (e.g. --data-option image_size=28)")
+        for convert in (int, float):
+            try:
+                value = convert(value)
+                break
+            except ValueError:
+                pass
+        options[key.strip()] = value
+    return options
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration from the command line, validated (raises before any work)."""
+    keep = args.keep_first_last
+    try:
+        keep = None if str(keep).lower() == "none" else int(keep)
+    except ValueError:
+        raise CLIError(f"--keep-first-last {keep!r} is not a bit-width or 'none'") from None
+    return TrainConfig(
+        bits=tuple(parse_bit_list(args.bits)), method=args.method, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
+        label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
+        coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
+        coreset_warmup=args.coreset_warmup, seed=args.seed, eval_every=args.eval_every, num_workers=args.workers,
+    ).resolved()
+
+
+def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
+    """Check everything that can be checked without data: config, model, dataset, output directory."""
+    config = build_config(args)
+    if not args.dataset:
+        raise CLIError("--dataset is required: fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
+    options = parse_data_options(args.data_option)
+    info = anydata.dataset_info(args.dataset, **options)
+    if not (args.model.startswith("torchvision.") or args.model in models.available()):
+        models.create(args.model)  # raises UnknownModelError with suggestions
+    if args.width <= 0:
+        raise CLIError(f"--width {args.width} must be positive")
+    run_info = {"model": args.model, "width": args.width, "dataset": info["name"], "data_options": options,
+                "train_subset": args.train_subset, "test_subset": args.test_subset}
+    out = Path(args.out)
+    if args.resume:
+        if args.overwrite:
+            raise CLIError("--overwrite and --resume contradict each other: choose one")
+        if not has_state(out):
+            raise CLIError(f"--resume: {out} holds no interrupted run (no {out}/state/state.json); "
+                           f"drop --resume to start a new run")
+        saved = read_state_header(out)["state"]["config"]
+        check_same_config({k: v for k, v in saved.items() if k != "sampler"},
+                          {**run_info, **config.to_dict()})
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CLIError(f"output directory {out} already exists and is not empty; pass --overwrite to replace it "
+                       f"or --resume to continue it")
+    return config, run_info, info
+
+
+def build_model(args: argparse.Namespace, info: dict, num_classes: int):
+    """The float model named by --model, for the dataset's classes and channels."""
+    kwargs = {"num_classes": num_classes, "in_channels": info["in_channels"]}
+    if not args.model.startswith("torchvision."):
+        kwargs["width"] = args.width
+    return models.create(args.model, **kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    seed_everything(args.seed)
+    config, run_info, info = validate(args)
+    device = resolve_device(args.device)
+    # Built before any data is read, so that a bad model name or shape fails at once (imagefolder
+    # learns its class count from the directory, so its model waits for the data).
+    model = build_model(args, info, info["num_classes"]) if info["num_classes"] else None
+
+    t0 = time.perf_counter()
+    options = run_info["data_options"]
+    train_set = anydata.load(info["name"], "train", data_dir=args.data_dir, **options)
+    test_set = anydata.load(info["name"], "test", data_dir=args.data_dir, **options)
+    if args.train_subset and args.train_subset < len(train_set):
+        train_set = train_set.subset(args.train_subset, seed=args.seed)
+    if args.test_subset and args.test_subset < len(test_set):
+        test_set = test_set.subset(args.test_subset, seed=args.seed)
+    data_seconds = time.perf_counter() - t0
+    if model is None:
+        model = build_model(args, info, train_set.num_classes)
+
+    out = prepare_out_dir(args.out, args.overwrite, resume=args.resume, can_resume=True)
+    trainer = MultiBitTrainer(
+        model, train_set, test_set, config, device=device, out_dir=out, quiet=args.quiet, run_info=run_info,
+        data_info={"dataset": info["name"], "options": options, "train_subset": args.train_subset},
+    )
+    if not args.resume:
+        trainer.add_time("data", data_seconds)
+    if not args.quiet:
+        print(f"training {args.model} on {info['name']} ({len(train_set)} samples) for bits "
+              f"{','.join(map(str, sorted(config.bits)))} with {config.method}, {config.epochs} epochs"
+              + (f", resuming after epoch {trainer.check_resumable()}" if args.resume else ""))
+    trainer.fit(resume=args.resume)
+    print(trainer.summary_table())
+    print(f"wrote {out}/model.safetensors, run.json, log.csv, accuracy.png "
+          f"({trainer.timings.get('fit', 0.0):.1f} s training)")
+    return 0

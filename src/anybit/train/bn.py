@@ -1,0 +1,100 @@
+"""BatchNorm re-calibration for bit-widths a switchable-BN (Any-Precision) model was not trained at."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..quant import SwitchableBatchNorm, check_bits, precision, precision_key
+from .methods import nearest_bits
+
+
+class NoSwitchableBNError(ValueError):
+    """BN re-calibration was asked for a model whose BatchNorm is shared by all bit-widths."""
+
+
+def switchable_bns(model: nn.Module) -> list[SwitchableBatchNorm]:
+    return [m for m in model.modules() if isinstance(m, SwitchableBatchNorm)]
+
+
+def bn_bits(model: nn.Module) -> list[int]:
+    """Bit-widths that have their own BatchNorm in a switchable-BN model ([] for shared BN)."""
+    bns = switchable_bns(model)
+    return sorted(int(k) for k in bns[0].bns.keys() if k.isdigit()) if bns else []
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    loader: Iterable,
+    bits: int,
+    batches: int = 20,
+    source: int | None = None,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Give a switchable-BN model BatchNorm statistics for ``bits``, a precision it was not trained at.
+
+    Adds a BatchNorm for ``bits`` to every switchable BN, initialised (affine terms and statistics)
+    from the nearest trained bit-width (or ``source``), then re-estimates its running mean and
+    variance as the cumulative average over ``batches`` batches of ``loader`` run at ``bits``. The
+    rest of the model is frozen: eval mode, no gradients, other BatchNorms untouched. A bit-width
+    that already has a BatchNorm is left alone unless ``overwrite``. Returns what it did and how long
+    it took (``seconds``).
+    """
+    bits = check_bits(bits, "bits")
+    bns = switchable_bns(model)
+    if not bns:
+        raise NoSwitchableBNError(
+            "this model has one BatchNorm shared by all bit-widths (emqnet/dedicated): every bit-width "
+            "already runs with it, no re-calibration needed"
+        )
+    if batches < 1:
+        raise ValueError(f"batches={batches} must be at least 1")
+    key = precision_key(bits, bits)
+    trained = bn_bits(model)
+    if key in bns[0].bns and not overwrite:
+        return {"bits": bits, "recalibrated": False, "reason": "already has its own BatchNorm",
+                "batches": 0, "samples": 0, "seconds": 0.0}
+    if source is None:
+        source = nearest_bits(bits, trained)
+    if str(source) not in bns[0].bns:
+        raise ValueError(f"source={source} has no BatchNorm in this model: it has {trained}")
+    if device is None:
+        device = next(model.parameters()).device
+
+    start = time.perf_counter()
+    targets: list[nn.modules.batchnorm._BatchNorm] = []
+    for bn in bns:
+        if key not in bn.bns:
+            bn.add(key, str(source))
+        target = bn.bns[key]
+        target.reset_running_stats()
+        targets.append(target)
+    saved_momentum = [t.momentum for t in targets]
+    was_training = model.training
+    model.eval()
+    samples = done = 0
+    try:
+        for t in targets:
+            t.momentum = None  # cumulative average over the batches seen
+            t.train()
+        with precision(model, bits):
+            for batch in loader:
+                if done >= batches:
+                    break
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(images.to(device))
+                samples += images.shape[0]
+                done += 1
+    finally:
+        for t, m in zip(targets, saved_momentum):
+            t.momentum = m
+        model.train(was_training)
+    if done == 0:
+        raise ValueError("the re-calibration data is empty")
+    return {"bits": bits, "recalibrated": True, "source": source, "batches": done, "samples": samples,
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,122 @@
+"""The three training methods as small strategy objects: how the network is quantized and shared.
+
+The trainer's loop is the same for all of them; a method only decides
+
+* whether the bit-widths share one network (``anyprecision``, ``emqnet``) or each gets its own
+  (``dedicated``), and
+* the :class:`~anybit.QuantSpec` the network is converted with (BatchNorm kind, weight bias correction).
+
+Distillation and data sampling defaults live in :class:`~anybit.train.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..quant import QuantSpec, SwitchableBatchNorm, convert, quant_layers
+from .config import TrainConfig, TrainConfigError
+
+# Activation quantizer of every method: Any-Precision's fixed clip to [0, 1] (BatchNorm's affine terms
+# learn to fit activations into it). It is stable at 1 bit, where a learned (LSQ-style) range shared by all
+# bit-widths diverges at the usual learning rates. The same for every method, so comparisons between
+# methods isolate BatchNorm handling and weight bias correction.
+#
+# emqnet's one shared BatchNorm must see the same activation distribution at every precision: weight bias
+# correction aligns the weights, and ``clip_float`` clips the float path's activations to the same [0, 1]
+# (without rounding), otherwise the float pass's unclipped activations and the quantized passes' clipped
+# ones give the shared BatchNorm running statistics that fit neither (measured: the float member of a
+# short Fashion-MNIST run fell to chance). Any-Precision keeps plain ReLU at full precision, where its
+# own BatchNorm absorbs the difference.
+ACTIVATION = "fixed"
+ACTIVATION_RANGE = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A multi-bit training method: weight sharing and quantization settings."""
+
+    name: str
+    shared: bool
+    bn: str
+    wbc: bool
+    clip_float: bool
+    summary: str
+
+    def quant_spec(self, bits: tuple[int, ...], keep_first_last: int | None) -> QuantSpec:
+        """The spec a float model is converted with for this method and these trained bit-widths."""
+        return QuantSpec(
+            weight="dorefa", act=ACTIVATION, act_range=ACTIVATION_RANGE, act_clip_float=self.clip_float,
+            wbc=self.wbc, bn=self.bn,
+            bn_bits=tuple(sorted(bits)) if self.bn == "switchable" else (),
+            keep_first_last=keep_first_last,
+        )
+
+
+METHODS: dict[str, Method] = {
+    "dedicated": Method("dedicated", shared=False, bn="shared", wbc=False, clip_float=False,
+                        summary="one model per bit-width, full data each (cost and accuracy reference)"),
+    "anyprecision": Method("anyprecision", shared=True, bn="switchable", wbc=False, clip_float=False,
+                           summary="shared weights, one BatchNorm per bit-width, full data per bit-width"),
+    "emqnet": Method("emqnet", shared=True, bn="shared", wbc=True, clip_float=True,
+                     summary="weight bias correction, one shared BatchNorm, bit-wise coreset sampling"),
+}
+
+
+class BitModels(nn.ModuleDict):
+    """The network(s) being trained, found by bit-width.
+
+    Shared methods hold one network under ``"all"``; ``dedicated`` holds one per bit-width under
+    ``"b1"``, ``"b2"``, ... . ``parameters()``/``state_dict()``/``to()`` cover all of them.
+    """
+
+    def __init__(self, models: dict[str, nn.Module], bits: tuple[int, ...]) -> None:
+        super().__init__(models)
+        self.bits = tuple(sorted(bits))
+
+    @property
+    def shared(self) -> bool:
+        return "all" in self
+
+    def for_bits(self, bits: int) -> nn.Module:
+        """The network that runs at ``bits`` (for ``dedicated``: the one trained nearest to it)."""
+        if self.shared:
+            return self["all"]
+        return self[f"b{nearest_bits(bits, self.bits)}"]
+
+
+def nearest_bits(bits: int, trained: tuple[int, ...] | list[int]) -> int:
+    """The trained bit-width closest to ``bits`` (ties go to the higher one)."""
+    return min(trained, key=lambda t: (abs(t - bits), -t))
+
+
+def build_models(model: nn.Module, config: TrainConfig) -> BitModels:
+    """Convert ``model`` (any float ``nn.Module``) for ``config.method``; copies it per bit-width for
+    ``dedicated``. An already converted model is used as it is (its own spec), after a check that a
+    switchable-BN model has a BatchNorm for every trained bit-width."""
+    method = METHODS[config.method]
+    spec = method.quant_spec(config.bits, config.keep_first_last)
+    if method.shared:
+        return BitModels({"all": _converted(model, spec, config)}, config.bits)
+    members = {f"b{b}": _converted(copy.deepcopy(model), spec, config) for b in config.bits}
+    return BitModels(members, config.bits)
+
+
+def _converted(model: nn.Module, spec: QuantSpec, config: TrainConfig) -> nn.Module:
+    if not quant_layers(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unsupported layers are listed in the conversion report
+            return convert(model, spec)
+    bns = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm)]
+    if bns:
+        missing = [b for b in config.bits if str(b) not in bns[0].bns]
+        if missing:
+            raise TrainConfigError(
+                f"the model was converted with switchable BatchNorm for {sorted(bns[0].bns.keys())}, "
+                f"but bit-widths {missing} are trained: convert it with bn_bits covering every trained "
+                f"bit-width, or pass the float model"
+            )
+    return model

@@ -1,0 +1,513 @@
+"""``MultiBitTrainer``: train one network (or, for ``dedicated``, one per bit-width) for many bit-widths.
+
+The loop, per epoch: (score samples if the sampler asks) → plan each bit-width's samples → for every
+mini-batch and every trained bit-width, highest first: forward at that bit-width → loss (labels at the
+top precision, a teacher's soft labels below it) → backward (gradients accumulate) → one optimizer step
+→ log. Methods differ only in the networks built (:mod:`.methods`), the teacher assignment
+(:class:`.Distillation`) and the sampler (:mod:`.sampling`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import save
+from ..evaluation import evaluate
+from ..progress import progress
+from ..quant import precision, set_precision
+from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
+from .config import TrainConfig, config_differences
+from .distill import Distillation
+from .methods import METHODS, BitModels, build_models
+from .optim import LRSchedule, build_optimizer
+from .sampling import CoresetOptions, EpochSampler, checked_plan, describe, make_sampler, plan_overlap
+from .state import ResumeError, has_state, load_state, read_state_header, rng_state, save_state, set_rng_state
+
+LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
+               "teacher_samples", "train_s", "scoring_s", "eval_s"]
+# Settings that may change between an interrupted run and its resumption.
+RESUME_IGNORED = ("device", "quiet", "data_dir", "out", "num_workers", "resume", "overwrite")
+
+
+class MultiBitTrainer:
+    """Train ``model`` for every bit-width in ``config.bits`` with ``config.method``.
+
+    ``model`` is any float ``nn.Module`` (converted here with the method's quantization spec; an
+    already converted model is used as it is). ``train_data`` is a Dataset (or a DataLoader, whose
+    dataset is used: the trainer batches by index so that each bit-width can see its own subset);
+    ``test_data`` a Dataset or any iterable of ``(images, labels)`` batches, evaluated at every trained
+    bit-width after each epoch (see ``config.eval_every``). With ``out_dir`` the trainer writes
+    ``state/`` (for :meth:`fit` with ``resume=True``) and ``log.csv`` every epoch, and the checkpoint,
+    ``run.json`` and ``accuracy.png`` at the end. ``run_info`` (model and data settings) is stored with
+    the configuration and compared on resume; ``data_info`` (``{"dataset": ..., "options": {...}}``)
+    goes into the checkpoint so that ``anybit eval`` finds the data again.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset | DataLoader,
+        test_data: Dataset | Iterable | None = None,
+        config: TrainConfig | None = None,
+        *,
+        sampler: EpochSampler | None = None,
+        device: str | torch.device = "cpu",
+        out_dir: str | os.PathLike | None = None,
+        quiet: bool = False,
+        run_info: dict[str, Any] | None = None,
+        data_info: dict[str, Any] | None = None,
+        on_epoch_end: Callable[["MultiBitTrainer", dict], None] | None = None,
+    ) -> None:
+        self.config = (config or TrainConfig()).resolved()
+        cfg = self.config
+        self.device = torch.device(device)
+        self.quiet = quiet
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.on_epoch_end = on_epoch_end
+        self.train_set = train_data.dataset if isinstance(train_data, DataLoader) else train_data
+        self.test_data = test_data
+        self.run_info = dict(run_info or {})
+        self.data_info = data_info or {"dataset": getattr(self.train_set, "name", None), "options": {}}
+
+        self.bits = cfg.bits_desc                       # training order: highest precision first
+        self.models: BitModels = build_models(model, cfg).to(self.device)
+        self.distill = Distillation(cfg.distill, self.bits, cfg.label_smoothing)
+        self.optimizer = build_optimizer(self.models, cfg)
+        self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.epochs)
+        self.sampler = sampler if sampler is not None else make_sampler(
+            CoresetOptions(cfg.coreset_fraction, cfg.coreset_score, cfg.coreset_refresh, cfg.coreset_warmup,
+                           cfg.seed), self.train_set, self.bits)
+        self._batchnorms = [m for m in self.models.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+        self.epoch = 0                                   # epochs completed
+        self.history: list[dict] = []
+        self.timings: dict[str, float] = {}
+        self.samples = {str(b): {"train": 0, "teacher": 0, "scoring": 0} for b in self.bits}
+        self.final: dict[str, dict] = {}
+        self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self.out_dir else None
+        self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self.out_dir else None
+
+    # ------------------------------------------------------------------ public API
+    def full_config(self) -> dict:
+        """Training settings plus ``run_info``: what a resumed run must match."""
+        return {**self.run_info, **self.config.to_dict(), "sampler": describe(self.sampler)}
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train for ``config.epochs`` epochs (continuing a saved state with ``resume``); returns the
+        final per-bit-width metrics, the per-epoch history, timings and samples processed."""
+        cfg = self.config
+        if resume:
+            self._restore()
+        else:
+            _seed_everything(cfg.seed)
+        start = time.perf_counter()
+        for epoch in range(self.epoch, cfg.epochs):
+            record = self._train_epoch(epoch)
+            if self.test_data is not None and self._eval_due(epoch):
+                record["seconds"]["eval"] = self._timed_eval(record)
+            self.history.append(record)
+            self.epoch = epoch + 1
+            self._end_epoch(record)
+        self.add_time("fit", time.perf_counter() - start)
+        self.final = self._final_metrics()
+        if self.out_dir is not None:
+            self._write_outputs()
+        for model in self._unique_models():
+            set_precision(model, max(self.config.bits))
+        return {"final": self.final, "history": self.history, "timings_s": dict(self.timings),
+                "samples": self.samples}
+
+    def model_for(self, bits: int) -> nn.Module:
+        """The trained network that runs at ``bits`` (for dedicated: the one trained nearest to it)."""
+        return self.models.for_bits(bits)
+
+    def evaluate(self, bits: Iterable[int] | None = None, data: Dataset | Iterable | None = None) -> dict[str, dict]:
+        """Test accuracy and loss at each bit-width (default: the trained ones), on ``data`` or the test data."""
+        loader = self._eval_loader(data if data is not None else self.test_data)
+        results = {}
+        for b in (self.bits if bits is None else bits):
+            model = self.models.for_bits(b)
+            with precision(model, b):
+                results[str(b)] = evaluate(model, loader, self.device, desc=f"eval {b}-bit", quiet=self.quiet)
+        return results
+
+    def summary_table(self, markdown: bool = False) -> str:
+        """Per-bit-width table of the final metrics and samples processed."""
+        rows = []
+        for b in self.bits:
+            m = self.final.get(str(b), {})
+            s = self.samples[str(b)]
+            rows.append([b, m.get("test_acc"), m.get("test_loss"), m.get("train_acc"), s["train"], s["teacher"],
+                         m.get("train_s")])
+        headers = ["bits", "test top-1 %", "test loss", "train top-1 %", "samples", "teacher samples", "train s"]
+        return format_table(headers, rows, markdown=markdown)
+
+    # ------------------------------------------------------------------ the loop
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg, bits = self.config, self.bits
+        stats = _EpochStats(bits, self.device)
+        record: dict[str, Any] = {"epoch": epoch + 1, "seconds": {"scoring": 0.0, "train": 0.0}}
+
+        # 1. sample: which data each bit-width sees this epoch
+        if self.sampler.needs_scoring(epoch):
+            t0 = time.perf_counter()
+            info = self.sampler.update_scores(self.models.for_bits(bits[0]), self.train_set, list(bits), epoch,
+                                              self.device)
+            record["seconds"]["scoring"] = time.perf_counter() - t0
+            record["scoring"] = dict(info or {})
+            self._count_scoring(info)
+        plan = checked_plan(self.sampler.plan_epoch(epoch, list(bits)), list(bits), len(self.train_set))
+        record["overlap"] = plan_overlap(plan, len(self.train_set))
+        batches = _StepBatches(self.train_set, plan, cfg.batch_size, cfg.seed, epoch, self.device, cfg.num_workers)
+
+        t0 = time.perf_counter()
+        record["lr"] = self.optimizer.param_groups[0]["initial_lr"] * self.schedule.factor(epoch)
+        bar = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), quiet=self.quiet)
+        for step, batch in enumerate(bar):
+            self.schedule.apply(epoch + step / len(batches))
+            logits_at: dict[int, torch.Tensor] = {}
+            for b in bits:
+                # 2. forward at b
+                stats.timer.start(b)
+                model = self.models.for_bits(b)
+                set_precision(model, b)
+                images, labels = batch[b]
+                logits = model(images)
+                # 3. loss: labels at the top precision, the teacher's soft labels below it
+                teacher = self._teacher_logits(b, batch, logits_at, stats)
+                loss = self.distill.loss(logits, labels, teacher)
+                loss.backward()                       # gradients of all bit-widths accumulate
+                logits_at[b] = logits.detach()
+                stats.add(b, loss, logits_at[b], labels)
+                stats.timer.stop(b)
+            # 4. one optimizer step for all bit-widths
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if step % 20 == 0 and not getattr(bar, "disable", True):
+                bar.set_postfix(loss=f"{stats.loss_now():.3f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        record["seconds"]["train"] = time.perf_counter() - t0
+        record["steps"] = len(batches)
+        # 5. log
+        record["bits"] = stats.summary()
+        for b in bits:
+            self.samples[str(b)]["train"] += record["bits"][str(b)]["samples"]
+            self.samples[str(b)]["teacher"] += record["bits"][str(b)]["teacher_samples"]
+        return record
+
+    def _teacher_logits(self, b: int, batch: dict, logits_at: dict, stats: "_EpochStats") -> torch.Tensor | None:
+        """The teacher's logits on ``b``'s batch: reused when the teacher saw the same batch, else an
+        extra no-grad forward at the teacher's precision (counted in time and samples)."""
+        t = self.distill.teacher(b)
+        if t is None:
+            return None
+        if batch[t] is batch[b]:
+            return logits_at[t]
+        model = self.models.for_bits(t)
+        images = batch[b][0]
+        with torch.no_grad(), _frozen_bn_stats(self._batchnorms):
+            set_precision(model, t)
+            logits = model(images)
+        set_precision(self.models.for_bits(b), b)
+        stats.add_teacher(b, images.shape[0])
+        return logits
+
+    # ------------------------------------------------------------------ evaluation, state and outputs
+    def _eval_due(self, epoch: int) -> bool:
+        every = self.config.eval_every
+        return epoch + 1 == self.config.epochs or (every > 0 and (epoch + 1) % every == 0)
+
+    def _timed_eval(self, record: dict) -> float:
+        t0 = time.perf_counter()
+        for b, r in self.evaluate().items():
+            record["bits"][b].update(test_acc=r["accuracy"], test_loss=r["loss"], eval_s=r["seconds"])
+        return time.perf_counter() - t0
+
+    def _eval_loader(self, data):
+        if data is None:
+            raise ValueError("no test data: pass test_data to MultiBitTrainer or data to evaluate()")
+        if isinstance(data, Dataset):
+            return DataLoader(data, batch_size=self.config.batch_size, shuffle=False,
+                              num_workers=self.config.num_workers)
+        return data
+
+    def _end_epoch(self, record: dict) -> None:
+        for phase, seconds in record["seconds"].items():
+            self.add_time(phase, seconds)
+        if self.out_dir is not None:
+            self._log.append(_log_rows(record))
+            t0 = time.perf_counter()
+            save_state(self.out_dir, self.epoch, self._state())
+            self.add_time("state_save", time.perf_counter() - t0)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(self, record)
+
+    def _state(self) -> dict:
+        return {
+            "config": self.full_config(),
+            "models": self.models.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "timings": self.timings,
+            "samples": self.samples,
+        }
+
+    def check_resumable(self) -> int:
+        """Epochs done by the saved run in ``out_dir``; raises :class:`ResumeError` if its settings differ."""
+        if self.out_dir is None or not has_state(self.out_dir):
+            raise ResumeError(f"there is no training state to resume in {self.out_dir}: start the run without "
+                              f"--resume (or with --overwrite)")
+        header = read_state_header(self.out_dir)
+        check_same_config(header["state"]["config"], self.full_config())
+        return header["epoch"]
+
+    def _restore(self) -> None:
+        self.check_resumable()
+        epoch, state = load_state(self.out_dir)
+        self.models.load_state_dict(state["models"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.history, self.timings, self.samples = state["history"], state["timings"], state["samples"]
+        self.epoch = epoch
+        self._log.rewrite(row for record in self.history for row in _log_rows(record))
+
+    def _final_metrics(self) -> dict[str, dict]:
+        if not self.history:
+            return {}
+        last = self.history[-1]["bits"]
+        keys = ("test_acc", "test_loss", "train_acc", "loss", "ce")
+        final = {b: {k: v for k, v in m.items() if k in keys} for b, m in last.items()}
+        for b in final:
+            final[b]["train_s"] = sum(r["bits"][b]["train_s"] for r in self.history)
+        return final
+
+    def _write_outputs(self) -> None:
+        t0 = time.perf_counter()
+        self.save_checkpoint(self.out_dir / "model")
+        accuracy = {b: m["test_acc"] for b, m in self.final.items() if m.get("test_acc") is not None}
+        if accuracy:
+            plot_accuracy_vs_bits({self.config.method: {int(b): a for b, a in accuracy.items()}},
+                                  self.out_dir / "accuracy.png",
+                                  title=f"{self.run_info.get('model', 'model')} ({self.config.method})")
+        self.add_time("save", time.perf_counter() - t0)
+        rec = self.recorder
+        for phase, seconds in self.timings.items():
+            rec.data["timings_s"][phase] = seconds
+        rec.data["metrics"] = {"final": self.final, "samples_processed": self.samples}
+        rec.data["epochs"] = self.history
+        rec.data["sampler"] = describe(self.sampler)
+        rec.data["method"] = METHODS[self.config.method].summary
+        rec.data["conversion"] = getattr(self._unique_models()[0], "anybit_meta", {}).get("conversion")
+        rec.data["parameters"] = sum(p.numel() for p in self.models.parameters())
+        rec.write()
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Save the trained network(s) with :func:`anybit.save`; for ``dedicated``, the top bit-width's
+        model goes to ``path`` and every other one to ``path-<b>bit``. Returns the main tensors' path."""
+        path = Path(path)
+        top = max(self.config.bits)
+        common = {"method": self.config.method, "bits_trained": sorted(self.config.bits), "data": self.data_info,
+                  "train_config": self.config.to_dict(), "final": self.final}
+        if self.models.shared:
+            model = self.models["all"]
+            set_precision(model, top)
+            return save(model, path, **common)
+        members = {str(b): path.name if b == top else f"{path.name}-{b}bit" for b in self.config.bits}
+        for b in self.config.bits:
+            model = self.models[f"b{b}"]
+            set_precision(model, b)
+            save(model, path.with_name(members[str(b)]), member_bits=b, members=members, **common)
+        return path.with_name(path.name + ".safetensors")
+
+    def _unique_models(self) -> list[nn.Module]:
+        return list(self.models.values())
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to the run's ``timings_s[phase]`` (e.g. data loading timed by the caller)."""
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    def _count_scoring(self, info: dict | None) -> None:
+        per_bit = (info or {}).get("samples_per_bits") or {}
+        for b in self.bits:
+            self.samples[str(b)]["scoring"] += int(per_bit.get(b, per_bit.get(str(b), 0)))
+
+
+def check_same_config(saved: dict, current: dict) -> None:
+    """Raise :class:`ResumeError` listing every setting that differs from the saved run's."""
+    diff = config_differences(saved, current, ignore=RESUME_IGNORED)
+    if diff:
+        listed = "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}" for k, v in diff.items())
+        raise ResumeError(f"--resume needs the same settings as the interrupted run, but these differ: {listed}. "
+                          f"Re-run with the saved settings, or start a new run (--overwrite or another --out)")
+
+
+def _log_rows(record: dict) -> list[dict]:
+    return [{"epoch": record["epoch"], "bits": b, "lr": record["lr"], "scoring_s": record["seconds"]["scoring"],
+             **m} for b, m in record["bits"].items()]
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _frozen_bn_stats(batchnorms: list[nn.Module]):
+    """Forward in training mode without moving BatchNorm running statistics (momentum 0)."""
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in batchnorms]
+    for m in batchnorms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(batchnorms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+class _StepBatches:
+    """Per step, ``{bits: (images, labels)}`` on the device. Bit-widths with the same plan share one
+    batch object (so a teacher's logits can be reused); the shuffle comes from (seed, epoch)."""
+
+    def __init__(self, dataset, plan: dict[int, torch.Tensor | None], batch_size: int, seed: int, epoch: int,
+                 device: torch.device, num_workers: int) -> None:
+        n = len(dataset)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = None
+        groups: dict[int, list[int]] = {}     # group id -> bit-widths that share an index list
+        self.index_lists: list[torch.Tensor] = []
+        for b, idx in plan.items():
+            if idx is None:
+                if order is None:
+                    order = torch.randperm(n, generator=generator)
+                idx = order
+            for g, members in groups.items():
+                if self.index_lists[g] is idx or torch.equal(self.index_lists[g], idx):
+                    members.append(b)
+                    break
+            else:
+                groups[len(self.index_lists)] = [b]
+                self.index_lists.append(idx)
+        self.groups = groups
+        length = self.index_lists[0].numel()
+        self.steps = max(1, length // batch_size) if length >= batch_size else 1
+        self.batch_size = batch_size
+        self.dataset, self.device, self.num_workers = dataset, device, num_workers
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        loaders = []
+        for idx in self.index_lists:
+            chunks = [c.tolist() for c in idx.split(self.batch_size)][: self.steps]
+            loaders.append(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
+                                      pin_memory=self.device.type == "cuda"))
+        non_blocking = self.device.type == "cuda"
+        for parts in zip(*loaders):
+            batch = {}
+            for g, (images, labels) in enumerate(parts):
+                pair = (images.to(self.device, non_blocking=non_blocking),
+                        labels.to(self.device, non_blocking=non_blocking))
+                for b in self.groups[g]:
+                    batch[b] = pair
+            yield batch
+
+
+class _Timer:
+    """Accumulated wall time per key: perf_counter on CPU, CUDA events (read once per epoch) on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals: dict[int, float] = {}
+        self._open: dict[int, Any] = {}
+        self._events: list[tuple[int, Any, Any]] = []
+
+    def start(self, key: int) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._open[key] = ev
+        else:
+            self._open[key] = time.perf_counter()
+
+    def stop(self, key: int) -> None:
+        begin = self._open.pop(key)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((key, begin, end))
+        else:
+            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - begin
+
+    def seconds(self) -> dict[int, float]:
+        if self._events:
+            torch.cuda.synchronize()
+            for key, begin, end in self._events:
+                self.totals[key] = self.totals.get(key, 0.0) + begin.elapsed_time(end) / 1000.0
+            self._events.clear()
+        return self.totals
+
+
+class _EpochStats:
+    """Per-bit-width sums kept as device tensors (no host sync per step); read once per epoch."""
+
+    def __init__(self, bits: list[int], device: torch.device) -> None:
+        self.bits = bits
+        self.sums = torch.zeros(len(bits), 3, device=device)   # loss, hard-label CE, correct (per batch sums)
+        self.row = {b: i for i, b in enumerate(bits)}
+        self.samples = dict.fromkeys(bits, 0)
+        self.teacher_samples = dict.fromkeys(bits, 0)
+        self.timer = _Timer(device)
+        self._last_loss: torch.Tensor | None = None
+
+    def add(self, b: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        with torch.no_grad():
+            ce = F.cross_entropy(logits, labels, reduction="sum")
+            correct = (logits.argmax(1) == labels).sum()
+            self.sums[self.row[b]] += torch.stack([loss.detach() * n, ce, correct.to(ce.dtype)])
+        self.samples[b] += n
+        if b == self.bits[0]:
+            self._last_loss = loss.detach()
+
+    def add_teacher(self, b: int, n: int) -> None:
+        self.teacher_samples[b] += n
+
+    def loss_now(self) -> float:
+        return float(self._last_loss) if self._last_loss is not None else float("nan")
+
+    def summary(self) -> dict[str, dict]:
+        sums = self.sums.tolist()
+        seconds = self.timer.seconds()
+        out = {}
+        for b in self.bits:
+            n = max(self.samples[b], 1)
+            loss, ce, correct = sums[self.row[b]]
+            out[str(b)] = {"loss": loss / n, "ce": ce / n, "train_acc": 100.0 * correct / n,
+                           "samples": self.samples[b], "teacher_samples": self.teacher_samples[b],
+                           "train_s": seconds.get(b, 0.0)}
+        return out
