@@ -1,0 +1,168 @@
+"""``anybit ptq``: post-training quantization of a checkpoint on a small unlabeled calibration set."""
+
+from __future__ import annotations
+
+import argparse
+
+import anybit
+from anybit import data as anydata
+from anybit import ptq
+from anybit.evaluation import evaluate
+from anybit.quant import check_bits
+from anybit.report import RunRecorder, format_table
+
+from .common import CLIError, add_run_args, positive_int, prepare_out_dir, resolve_device, seed_everything
+from .eval_cmd import dataset_from_metadata
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _bits_or_none(text: str) -> int | None:
+    if text.lower() in ("none", "off", "no"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit-width (1..16, 32) or 'none'") from None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ptq", help="post-training quantization: calibrate a trained model to low precision",
+        description="Quantize a trained checkpoint without retraining: ranges by min/max or MSE search, "
+                    "AdaQuant layer-wise calibration, BatchNorm tuning and bias tuning, on a small calibration "
+                    "set from the train split (labels unused). Writes OUT/model.safetensors + OUT/model.json "
+                    "(the quantized checkpoint) and OUT/run.json, and prints float vs quantized test accuracy.",
+    )
+    p.add_argument("checkpoint", help="run directory or checkpoint path (float, or converted: used at 32 bits)")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder or synthetic "
+                                     "(default: the checkpoint's own)")
+    p.add_argument("--data-dir", help="directory holding the dataset (default: $ANYBIT_DATA, then system paths)")
+    p.add_argument("--calib-size", type=positive_int, default=1000,
+                   help="calibration samples drawn from the train split (default: %(default)s)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 1..16 or 32 (default: %(default)s)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 1..16 or 32 (default: %(default)s)")
+    p.add_argument("--pipeline", choices=list(ptq.PIPELINES), default="advanced",
+                   help="rtn: min/max ranges; mse: MSE ranges; adaquant: + AdaQuant; light: + bit allocation "
+                        "+ BN tuning; advanced: + bit allocation + AdaQuant + BN tuning + bias tuning "
+                        "(default: %(default)s)")
+    p.add_argument("--keep-first-last", type=_bits_or_none, default=8,
+                   help="bits of the first and last layer, or 'none' to quantize them like the rest "
+                        "(default: %(default)s)")
+    p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential",
+                   help="sequential: each layer sees the outputs of the quantized layers before it; "
+                        "parallel: every layer sees float inputs (default: %(default)s)")
+    p.add_argument("--iters", type=_non_negative_int, default=ptq.PTQConfig.iters,
+                   help="AdaQuant Adam steps per layer (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=ptq.PTQConfig.batch_size,
+                   help="mini-batch of AdaQuant and bias tuning (default: %(default)s)")
+    p.add_argument("--bias-iters", type=_non_negative_int, default=ptq.PTQConfig.bias_iters,
+                   help="bias tuning steps (default: %(default)s)")
+    p.add_argument("--max-cache-mib", type=positive_int, default=ptq.PTQConfig.max_cache_bytes // 2**20,
+                   help="largest AdaQuant cache of one layer's inputs and outputs, MiB (default: %(default)s)")
+    p.add_argument("--budget", type=float,
+                   help="light/advanced: allocate bits per layer by integer programming (anybit.mixed) within "
+                        "this fraction of the float model's weight size (--metric size) or BOPs; without it "
+                        "every layer runs at --w-bits/--a-bits")
+    p.add_argument("--metric", choices=["size", "bops"], default="size", help="what --budget limits (default: %(default)s)")
+    p.add_argument("--bit-options", default="2,3,4,8", help="bit-widths --budget chooses from (default: %(default)s)")
+    p.add_argument("--test-size", type=positive_int, help="evaluate on a random subset of the test split")
+    p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (default: %(default)s)")
+    add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> ptq.PTQConfig:
+    check_bits(args.w_bits, "--w-bits")
+    check_bits(args.a_bits, "--a-bits")
+    if args.keep_first_last is not None:
+        check_bits(args.keep_first_last, "--keep-first-last")
+    if args.budget is not None:
+        if args.pipeline not in ("light", "advanced"):
+            raise CLIError(f"--budget allocates bits in the light and advanced pipelines, not in {args.pipeline!r}")
+        if not 0 < args.budget <= 1:
+            raise CLIError(f"--budget {args.budget} must be a fraction of the float model's cost in (0, 1], e.g. 0.15")
+    return ptq.PTQConfig(
+        w_bits=args.w_bits, a_bits=args.a_bits, pipeline=args.pipeline, keep_first_last=args.keep_first_last,
+        adaquant_mode=args.adaquant_mode, iters=args.iters, batch_size=args.batch_size, bias_iters=args.bias_iters,
+        max_cache_bytes=args.max_cache_mib * 2**20, seed=args.seed,
+    )
+
+
+def _bit_allocator(args: argparse.Namespace):
+    if args.budget is None:
+        return None
+    from anybit import mixed
+
+    if not hasattr(mixed, "ptq_bit_allocator"):
+        raise CLIError("this anybit has no bit allocator for PTQ (anybit.mixed.ptq_bit_allocator); drop --budget")
+    return mixed.ptq_bit_allocator(args.budget, args.metric, mixed.resolve_options(args.bit_options))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    allocator = _bit_allocator(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    meta = anybit.read_metadata(args.checkpoint)
+    name, data_options = dataset_from_metadata(args, meta)
+    model = anybit.load(args.checkpoint)
+    ptq.check_quantizable(model)
+    train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
+    test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
+    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
+    if classes is not None and classes != test_set.num_classes:
+        raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
+                       f"use the dataset it was trained for (--dataset)")
+    if args.calib_size > len(train_set):
+        raise CLIError(f"--calib-size {args.calib_size} is larger than the {name} train split "
+                       f"({len(train_set)} samples): use at most {len(train_set)}")
+    if args.test_size is not None and args.test_size < len(test_set):
+        test_set = test_set.subset(args.test_size, seed=args.seed)
+    out = prepare_out_dir(args.out, args.overwrite)
+
+    recorder = RunRecorder(out, "ptq", {
+        "checkpoint": str(args.checkpoint), "dataset": name, "dataset_options": data_options,
+        "calib_size": args.calib_size, "test_size": len(test_set), "device": str(device), "budget": args.budget,
+        "metric": args.metric if args.budget is not None else None, **config.to_dict()})
+    calib = train_set.subset(args.calib_size, seed=args.seed)
+    model = model.to(device)
+    with recorder.timed("calibration"):
+        qmodel, report = ptq.quantize(model, calib, config=config, bit_allocator=allocator, device=device,
+                                      quiet=args.quiet)
+    for stage in report.stages:
+        recorder.data["timings_s"][f"stage.{stage['name']}"] = stage["seconds"]
+    loader = anydata.make_loader(test_set, args.eval_batch_size, shuffle=False)
+    with recorder.timed("eval"):
+        float_result = evaluate(ptq.float_copy(model), loader, device, desc="eval float", quiet=args.quiet)
+        quant_result = evaluate(qmodel, loader, device, desc="eval quantized", quiet=args.quiet)
+
+    label = f"W{config.w_bits}A{config.a_bits}" + ("" if config.keep_first_last is None
+                                                   else f" (first/last {config.keep_first_last})")
+    ptq_meta = {"pipeline": report.pipeline, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                "keep_first_last": config.keep_first_last, "adaquant_mode": config.adaquant_mode,
+                "calib_size": args.calib_size, "source": str(args.checkpoint), "budget": args.budget}
+    path = anybit.save(qmodel, out / "model", data={"dataset": name, "options": data_options}, ptq=ptq_meta,
+                       test_accuracy=quant_result["accuracy"])
+    recorder.data["metrics"] = {
+        "float": float_result, "quantized": quant_result, "kl": report.kl,
+        "calibration_seconds": report.calibration_seconds, "layers": report.layers,
+        "stages": report.stages, "precision": report.precision, "graph": report.graph,
+    }
+    run_json = recorder.write()
+    rows = [["float", "32/32", float_result["accuracy"], f"{float_result['loss']:.4f}"],
+            [f"{args.pipeline}", label, quant_result["accuracy"], f"{quant_result['loss']:.4f}"]]
+    print(format_table(["model", "bits (W/A)", "top-1 %", "loss"], rows))
+    stages = ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in report.stages)
+    print(f"calibration on {args.calib_size} samples: {report.calibration_seconds:.1f} s ({stages}); "
+          f"test set: {quant_result['samples']} samples")
+    print(f"wrote {path} and {run_json}")
+    return 0

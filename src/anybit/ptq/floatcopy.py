@@ -1,0 +1,105 @@
+"""Float copies of models and the conversion PTQ applies.
+
+PTQ always works on a copy: the float model stays untouched as the reference that targets and
+KL divergences are computed against. A model that was already converted (for example a multi-bit
+network) is turned back into plain float layers first, taking its 32-bit weights, so that PTQ's
+own quantizers (asymmetric, per-channel) are used and its weights may be changed freely.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from torch import nn
+
+from ..quant import (
+    QUANT_LAYER_TYPES,
+    QuantConv2d,
+    QuantLinear,
+    QuantMultiheadAttention,
+    QuantSpec,
+    SwitchableBatchNorm,
+    convert,
+)
+from .errors import PTQError
+
+PTQ_SPEC = QuantSpec(weight="asymmetric", weight_per_channel=True, act="learned")
+"""How PTQ converts a float model: per-channel asymmetric weights, per-tensor activation ranges."""
+
+_FLOAT_TYPES = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+_CONVERSION_KEYS = ("quant_spec", "conversion", "checkpoint", "ptq")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _plain(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, QuantConv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                          bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
+    elif isinstance(layer, QuantLinear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    elif isinstance(layer, QuantMultiheadAttention):
+        plain = nn.MultiheadAttention(
+            layer.embed_dim, layer.num_heads, dropout=layer.dropout, bias=layer.in_proj_bias is not None,
+            add_bias_kv=layer.bias_k is not None, add_zero_attn=layer.add_zero_attn, kdim=layer.kdim,
+            vdim=layer.vdim, batch_first=layer.batch_first, device="meta",
+        )
+        plain.out_proj = layer.out_proj
+    else:  # pragma: no cover - QUANT_LAYER_TYPES lists the three above
+        raise TypeError(type(layer).__name__)
+    for name, p in layer.named_parameters(recurse=False):
+        setattr(plain, name, p)
+    for name, b in layer.named_buffers(recurse=False):
+        setattr(plain, name, b)
+    plain.train(layer.training)
+    return plain
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` made only of float layers (its 32-bit behaviour, exactly).
+
+    Quantizable layers become ``nn.Conv2d``/``nn.Linear``/``nn.MultiheadAttention`` with the same
+    weights; switchable BatchNorms become their 32-bit BatchNorm. A float model is simply copied.
+    """
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QUANT_LAYER_TYPES):
+            _set_submodule(model, name, _plain(module))
+        elif isinstance(module, SwitchableBatchNorm):
+            if "32" not in module.bns:
+                raise PTQError(
+                    f"{name} is a switchable BatchNorm without a full-precision (32-bit) one "
+                    f"(it has {sorted(module.bns.keys())}): PTQ needs the float model; train with 32 in the bit list"
+                )
+            _set_submodule(model, name, module.bns["32"])
+    meta = {k: v for k, v in (getattr(model, "anybit_meta", None) or {}).items() if k not in _CONVERSION_KEYS}
+    model.anybit_meta = meta
+    return model
+
+
+def check_quantizable(model: nn.Module) -> list[str]:
+    """Names of the layers PTQ can quantize; raises :class:`PTQError` if there is none."""
+    if not isinstance(model, nn.Module):
+        raise PTQError(f"PTQ expects an nn.Module, got {type(model).__name__}")
+    names = [n for n, m in model.named_modules() if type(m) in _FLOAT_TYPES or isinstance(m, QUANT_LAYER_TYPES)]
+    if not names:
+        raise PTQError(
+            f"{type(model).__name__} has no layer anybit can quantize (nn.Conv2d, nn.Linear, "
+            f"nn.MultiheadAttention): nothing to calibrate"
+        )
+    return names
+
+
+def ptq_convert(float_model: nn.Module, keep_first_last: int | None = 8, skip: tuple[str, ...] = ()) -> nn.Module:
+    """A quantizable deep copy of a float model, converted with :data:`PTQ_SPEC`."""
+    model = copy.deepcopy(float_model)
+    spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last, "skip": tuple(skip)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers left in float are listed in the conversion report
+        return convert(model, spec)

@@ -1,0 +1,606 @@
+"""AdaQuant: layer-wise calibration of weights, bias and quantization ranges.
+
+For each quantized layer with float input ``X`` and float output ``Y`` (after the BatchNorm and
+ReLU that consume it, when the graph shows they do), Adam minimises ``||Y - post(Q(W+V) Q(X) + b')||^2``
+over mini-batches of the calibration set through the straight-through estimator; ``V``, ``b'``,
+the per-channel weight grid (scale, zero point) and the per-tensor input range are learnt.
+
+* ``mode="parallel"``: every layer's ``X`` comes from the float model.
+* ``mode="sequential"``: layer ``i``'s ``X`` is produced by the model whose layers before ``i``
+  are already quantized and calibrated -- for the whole calibration set, recomputed for every layer.
+
+Only one layer's inputs and outputs are held at a time; their size is estimated before any work
+and compared with ``max_cache_bytes``. BatchNorm is not folded into the weights: it is applied, in
+inference mode, to both sides of the comparison (equivalent to calibrating the folded layer), and
+a bias-free convolution followed by a BatchNorm learns its bias correction into the BatchNorm's
+running mean (``BN(y + b) = BN'(y)`` with ``running_mean' = running_mean - b``), so the model's
+structure and checkpoint format stay unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..progress import progress
+from ..quant import FLOAT_BITS, QuantConv2d, QuantLinear, QuantSpec, convert, precision, quant_layers, set_precision
+from .calibdata import CalibData, batches, calibration_tensor
+from .errors import CacheTooLargeError, PTQError
+from .floatcopy import PTQ_SPEC, check_quantizable, float_copy
+from .graph import LayerGraph, PostOp, analyse, trace
+from .ranges import check_method, has_ranges, init_ranges
+
+MODES = ("parallel", "sequential")
+CACHING = ("auto", "graph", "passes")
+DEFAULT_ITERS = 200
+DEFAULT_BATCH_SIZE = 50
+DEFAULT_LR_WEIGHT = 1e-2
+DEFAULT_LR_BIAS = 1e-3
+DEFAULT_LR_WEIGHT_RANGE = 1e-3
+DEFAULT_LR_ACT_RANGE = 1e-2
+DEFAULT_MAX_CACHE_BYTES = 4 * 2**30
+FORWARD_BATCH = 256
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the layer of interest has been seen."""
+
+
+def _check_positive(name: str, value, minimum=1, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < minimum:
+        raise PTQError(f"{name}={value!r} is invalid: expected {'a number' if kind is float else 'an integer'} "
+                       f">= {minimum}")
+
+
+def check_settings(mode: str, iters: int, batch_size: int, lrs: dict[str, float], max_cache_bytes: int) -> None:
+    """Validate AdaQuant settings up front, naming the bad parameter."""
+    if mode not in MODES:
+        raise PTQError(f"mode={mode!r} is unknown: expected one of {list(MODES)}")
+    _check_positive("iters", iters, 0)
+    _check_positive("batch_size", batch_size, 1)
+    _check_positive("max_cache_bytes", max_cache_bytes, 1)
+    for name, value in lrs.items():
+        _check_positive(name, value, 0, float)
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module, float_mode: bool = False):
+    """Eval mode (and full precision if asked and the model is converted), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        if float_mode and quant_layers(model):
+            with precision(model, FLOAT_BITS):
+                yield
+        else:
+            yield
+    finally:
+        model.train(was_training)
+
+
+class _Buffer:
+    """Collects per-batch tensors into one preallocated tensor (falls back to a list for odd shapes)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.filled, self.data, self.parts = total, 0, None, []
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.detach()
+        if self.data is None and not self.parts:
+            self.data = torch.empty((self.total, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        if self.data is not None and t.shape[1:] == self.data.shape[1:] and self.filled + t.shape[0] <= self.total:
+            self.data[self.filled:self.filled + t.shape[0]].copy_(t)
+            self.filled += t.shape[0]
+            return
+        if self.data is not None:
+            self.parts, self.data = [self.data[:self.filled]], None
+        self.parts.append(t.clone())
+
+    def tensor(self) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[:self.filled]
+        return torch.cat(self.parts)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, name: str, calib: torch.Tensor, calls: int, device, *, inputs: bool = True,
+            post: PostOp | None = None, float_mode: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Inputs of layer ``name`` (and its post-op outputs if ``post`` is given) for the whole of ``calib``.
+
+    Each forward pass stops as soon as the layer has run ``calls`` times, so later layers cost nothing.
+    """
+    module = model.get_submodule(name)
+    total = calib.shape[0] * calls
+    xs = _Buffer(total) if inputs else None
+    ys = _Buffer(total) if post is not None else None
+    seen = [0]
+
+    def pre_hook(m, args):
+        xs.add(args[0])
+        seen[0] += 1
+        if seen[0] == calls:
+            raise _Stop
+
+    def hook(m, args, out):
+        if xs is not None:
+            xs.add(args[0])
+        ys.add(post.apply(out, model))
+        seen[0] += 1
+        if seen[0] == calls:
+            raise _Stop
+
+    handle = module.register_forward_hook(hook) if post is not None else module.register_forward_pre_hook(pre_hook)
+    try:
+        with _inference(model, float_mode):
+            for x in batches(calib, FORWARD_BATCH, device):
+                seen[0] = 0
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return (xs.tensor() if xs is not None else None), (ys.tensor() if ys is not None else None)
+
+
+def _tensor_bytes(value, seen: set[int]) -> int:
+    if isinstance(value, torch.Tensor):
+        key = (value.data_ptr(), tuple(value.shape))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.nelement() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    return 0
+
+
+class _GraphRunner(fx.Interpreter):
+    """Walks a traced model node by node over the whole calibration set at once, keeping only the
+    values still needed later (the "frontier"), so every layer's input and output can be taken in
+    turn at the cost of a single forward pass."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, inputs: torch.Tensor) -> None:
+        super().__init__(root, garbage_collect_values=True, graph=graph)
+        self.env = {}
+        self.args_iter = iter([inputs])
+        self.nodes = list(graph.nodes)
+        self.pos = 0
+        self.peak_bytes = 0
+
+    @torch.no_grad()
+    def _step(self):
+        node = self.nodes[self.pos]
+        self.pos += 1
+        value = self.env[node] = self.run_node(node)
+        live = sum(_tensor_bytes(v, set()) for v in self.env.values())
+        self.peak_bytes = max(self.peak_bytes, live)
+        for dead in self.user_to_last_uses.get(node, []):
+            del self.env[dead]
+        return value
+
+    def _find(self, name: str) -> fx.Node:
+        while self.pos < len(self.nodes):
+            node = self.nodes[self.pos]
+            if node.op == "call_module" and node.target == name:
+                return node
+            self._step()
+        raise PTQError(f"layer {name} was not found in the rest of the traced graph (internal order mismatch)")
+
+    def input_of(self, name: str) -> torch.Tensor:
+        """Run up to layer ``name`` and return its input, for all samples."""
+        args, _ = self.fetch_args_kwargs_from_env(self._find(name))
+        return args[0]
+
+    def output_of(self, name: str) -> torch.Tensor:
+        """Run up to and including layer ``name`` and return its output, for all samples."""
+        self._find(name)
+        return self._step()
+
+    def run_all(self) -> None:
+        while self.pos < len(self.nodes):
+            self._step()
+
+
+def graph_order(graph: fx.Graph) -> list[str]:
+    return [n.target for n in graph.nodes if n.op == "call_module"]
+
+
+def frontier_bytes(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> int:
+    """Peak bytes per sample of the values a :class:`_GraphRunner` keeps alive, measured on ``example``."""
+    with _inference(model):
+        runner = _GraphRunner(model, graph, example)
+        runner.run_all()
+    return math.ceil(runner.peak_bytes / example.shape[0])
+
+
+class _PassSource:
+    """Each layer's inputs/outputs from forward passes that stop at the layer (works for any model)."""
+
+    kind = "passes"
+
+    def __init__(self, model, float_model, calib, graph: LayerGraph, device, mode: str) -> None:
+        self.model, self.float_model, self.calib = model, float_model, calib
+        self.graph, self.device, self.mode = graph, device, mode
+
+    def get(self, name: str, post: PostOp) -> tuple[torch.Tensor, torch.Tensor]:
+        calls = self.graph.calls.get(name, 1)
+        if self.mode == "parallel":
+            return capture(self.float_model, name, self.calib, calls, self.device, post=post, float_mode=True)
+        _, y = capture(self.float_model, name, self.calib, calls, self.device, inputs=False, post=post,
+                       float_mode=True)
+        x, _ = capture(self.model, name, self.calib, calls, self.device)
+        return x, y
+
+
+class _GraphSource:
+    """Each layer's inputs/outputs from one walk through the traced graphs (float and quantized side by side)."""
+
+    kind = "graph"
+
+    def __init__(self, model, float_model, calib, model_graph: fx.Graph, float_graph: fx.Graph, device,
+                 mode: str) -> None:
+        x = calib.to(device)
+        self.float_model, self.mode = float_model, mode
+        self.float_run = _GraphRunner(float_model, float_graph, x)
+        self.quant_run = _GraphRunner(model, model_graph, x) if mode == "sequential" else None
+
+    def get(self, name: str, post: PostOp) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "parallel":
+            x = self.float_run.input_of(name)
+            return x, post.apply(self.float_run.output_of(name), self.float_model)
+        y = post.apply(self.float_run.output_of(name), self.float_model)
+        return self.quant_run.input_of(name), y
+
+
+class _LayerProblem:
+    """The learnable quantities of one layer and its quantized forward, for AdaQuant."""
+
+    def __init__(self, model: nn.Module, name: str, post: PostOp, x_sample: torch.Tensor) -> None:
+        self.model, self.name, self.post = model, name, post
+        self.layer = layer = model.get_submodule(name)
+        self.w0 = layer.weight.detach().clone()
+        self.learn_weight = layer.w_bits != FLOAT_BITS
+        wq = layer.weight_quant
+        self.w_scale = wq._get(layer.w_bits, "scale") if self.learn_weight else None
+        self.w_zero = wq._get(layer.w_bits, "zero_point") if self.learn_weight else None
+        if self.learn_weight and self.w_scale is None:
+            raise PTQError(f"layer {name} has no calibrated weight range at {layer.w_bits} bits: run init_ranges first")
+        self.a_lo, self.a_hi = (layer.input_quant.range_for(layer.a_bits) if layer.a_bits != FLOAT_BITS
+                                else (None, None))
+        if self.a_lo is not None and self.a_lo is layer.input_quant.lo:
+            raise PTQError(f"layer {name} has no calibrated input range at {layer.a_bits} bits: run init_ranges first")
+        # Weight perturbation in units of each channel's quantization step: one learning rate fits all layers.
+        if self.learn_weight:
+            step = self.w_scale.detach().reshape(-1)
+            self.step = (step if step.numel() > 1 else step.expand(self.w0.shape[0])).reshape(
+                (-1,) + (1,) * (self.w0.dim() - 1)).clone()
+        else:
+            self.step = torch.ones((self.w0.shape[0],) + (1,) * (self.w0.dim() - 1), device=self.w0.device)
+        self.v = torch.zeros_like(self.w0, requires_grad=self.learn_weight)
+        self.bn_fold = None
+        if layer.bias is not None:
+            self.bias = layer.bias.detach().clone().requires_grad_(True)
+        elif post.bn is not None and getattr(model.get_submodule(post.bn), "running_mean", None) is not None:
+            self.bn_fold = model.get_submodule(post.bn)
+            self.bias = torch.zeros(self.w0.shape[0], device=self.w0.device, requires_grad=True)
+        else:
+            self.bias = None
+        with torch.no_grad():
+            y = self._linear(x_sample, self.w0, layer.bias)
+            dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
+            self.out_std = float(y.std(dim=dims).mean()) if y.numel() > 1 else 1.0
+        self.saved = [(t, t.detach().clone()) for t in self.range_tensors()]
+        self.saved_requires_grad = [t.requires_grad for t in self.range_tensors()]
+
+    def range_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w_scale, self.w_zero, self.a_lo, self.a_hi) if t is not None]
+
+    def param_groups(self, lr_weight: float, lr_bias: float, lr_weight_range: float, lr_act_range: float) -> list[dict]:
+        groups = []
+        if self.learn_weight and lr_weight > 0:
+            groups.append({"params": [self.v], "lr": lr_weight})
+        if self.bias is not None and lr_bias > 0:
+            groups.append({"params": [self.bias], "lr": lr_bias * max(self.out_std, 1e-8)})
+        if self.learn_weight and lr_weight_range > 0:
+            groups.append({"params": [self.w_scale], "lr": lr_weight_range * float(self.w_scale.detach().abs().mean())})
+            groups.append({"params": [self.w_zero], "lr": lr_weight_range})
+        if self.a_lo is not None and lr_act_range > 0:
+            a_step = float((self.a_hi.detach() - self.a_lo.detach()).abs()) / (2**self.layer.a_bits - 1)
+            groups.append({"params": [self.a_lo, self.a_hi], "lr": lr_act_range * max(a_step, 1e-8)})
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, b)
+        return F.linear(x, w, b)
+
+    def weight(self) -> torch.Tensor:
+        return self.w0 + self.v * self.step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        x_q = layer.input_quant(x, layer.a_bits)
+        w_q = layer.quantize_weight(self.weight())
+        y = self._linear(x_q, w_q, self.bias if self.bn_fold is None else None)
+        if self.bn_fold is not None:
+            y = y + self.bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+        return self.post.apply(y, self.model)
+
+    @torch.no_grad()
+    def mse(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        total, count = 0.0, 0
+        for start in range(0, x.shape[0], FORWARD_BATCH):
+            out = self.forward(x[start:start + FORWARD_BATCH])
+            total += float((out - y[start:start + FORWARD_BATCH]).pow(2).sum())
+            count += out.numel()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write the learnt weight and bias into the model (ranges were learnt in place)."""
+        self.layer.weight.copy_(self.weight())
+        if self.bn_fold is not None:
+            self.bn_fold.running_mean.sub_(self.bias)
+        elif self.bias is not None:
+            self.layer.bias.copy_(self.bias)
+        self._restore_flags()
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """Keep the layer as it was before optimisation."""
+        for t, value in self.saved:
+            t.copy_(value)
+        self._restore_flags()
+
+    def _restore_flags(self) -> None:
+        for t, flag in zip(self.range_tensors(), self.saved_requires_grad):
+            t.requires_grad_(flag)
+
+
+def _optimise(problem: _LayerProblem, x: torch.Tensor, y: torch.Tensor, iters: int, batch_size: int,
+              lrs: dict[str, float], generator: torch.Generator) -> None:
+    groups = problem.param_groups(**lrs)
+    if not groups or iters == 0:
+        return
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters)
+    n = x.shape[0]
+    batch_size = min(batch_size, n)
+    order, cursor = torch.randperm(n, generator=generator), 0
+    problem.layer.train(False)
+    for _ in range(iters):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor:cursor + batch_size].to(x.device)
+        cursor += batch_size
+        loss = F.mse_loss(problem.forward(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+
+def _calibrated_layers(model: nn.Module, graph: LayerGraph, layers: list[str] | None) -> list[str]:
+    modules = quant_layers(model)
+    if layers is not None:
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
+            raise PTQError(f"layers {unknown} are not quantizable layers of this model (see anybit.quantizable_layers)")
+    wanted = set(modules if layers is None else layers)
+    return [n for n in graph.order if n in wanted and isinstance(modules[n], (QuantConv2d, QuantLinear))
+            and not modules[n].is_float]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def prepare_model(model: nn.Module, keep_first_last: int | None = 8) -> nn.Module:
+    """Convert a float model in place for PTQ (asymmetric per-channel weights); converted models pass through."""
+    check_quantizable(model)
+    if not quant_layers(model):
+        spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last})
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(model, spec)
+    return model
+
+
+def _too_large(what: str, need: int, per_sample: float, num_samples: int, max_cache_bytes: int) -> CacheTooLargeError:
+    fits = int(max_cache_bytes // max(per_sample, 1))
+    return CacheTooLargeError(
+        f"AdaQuant would hold {need / 2**20:.0f} MiB {what} ({num_samples} calibration samples), more than "
+        f"max_cache_bytes={max_cache_bytes / 2**20:.0f} MiB; use a smaller calibration set (at most {fits} "
+        f"samples fit) or raise max_cache_bytes"
+    )
+
+
+def check_cache(graph: LayerGraph, names: list[str], num_samples: int, max_cache_bytes: int) -> dict[str, int]:
+    """Bytes AdaQuant caches per layer (its inputs and outputs for the whole calibration set); raises
+    :class:`CacheTooLargeError` before any work if the largest does not fit in ``max_cache_bytes``."""
+    need = {n: graph.cache_bytes(n, num_samples) * graph.calls.get(n, 1) for n in names}
+    worst = max(need, key=need.get) if need else None
+    if worst is not None and need[worst] > max_cache_bytes:
+        raise _too_large(f"of inputs and outputs for layer {worst}", need[worst], need[worst] / num_samples,
+                         num_samples, max_cache_bytes)
+    return need
+
+
+def _plan_caching(caching: str, model, float_model, graph: LayerGraph, names: list[str], calib: torch.Tensor,
+                  mode: str, need: dict[str, int], max_cache_bytes: int, device):
+    """Pick how layer inputs/outputs are produced: one walk through the traced graph (fast, holds the
+    live activations of the whole calibration set) or forward passes per layer (any model, holds one
+    layer's data). Returns ``(kind, float_graph, reason)``."""
+    if caching == "passes":
+        return "passes", None, "asked for"
+    reason = None
+    float_graph = None
+    if graph.fx_graph is None:
+        reason = "the model cannot be traced by torch.fx"
+    elif any(graph.calls.get(n, 1) != 1 for n in names):
+        reason = "a layer is called more than once per forward pass"
+    else:
+        try:
+            float_graph = trace(float_model)
+        except Exception as e:  # noqa: BLE001
+            reason = f"the float model cannot be traced ({type(e).__name__})"
+    if reason is None and graph_order(graph.fx_graph) != graph_order(float_graph):
+        reason = "the float and quantized graphs differ"
+    if reason is None:
+        example = calib[:2].to(device)
+        per_sample = frontier_bytes(float_model, float_graph, example) * (2 if mode == "sequential" else 1)
+        total = per_sample * calib.shape[0] + max(need.values(), default=0)
+        if total > max_cache_bytes:
+            if caching == "graph":
+                raise _too_large("of live activations for a single pass through the graph", total,
+                                 total / calib.shape[0], calib.shape[0], max_cache_bytes)
+            reason = f"a single pass would hold {total / 2**20:.0f} MiB, over max_cache_bytes"
+    if reason is not None:
+        if caching == "graph":
+            raise PTQError(f"caching='graph' is not possible: {reason}; use caching='passes' or 'auto'")
+        return "passes", None, reason
+    return "graph", float_graph, "traced"
+
+
+def adaquant(
+    model: nn.Module,
+    calib_data: CalibData,
+    w_bits: int | None = None,
+    a_bits: int | None = None,
+    *,
+    mode: str = "sequential",
+    iters: int = DEFAULT_ITERS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr_weight: float = DEFAULT_LR_WEIGHT,
+    lr_bias: float = DEFAULT_LR_BIAS,
+    lr_weight_range: float = DEFAULT_LR_WEIGHT_RANGE,
+    lr_act_range: float = DEFAULT_LR_ACT_RANGE,
+    init: str = "mse",
+    keep_first_last: int | None = 8,
+    float_model: nn.Module | None = None,
+    layers: list[str] | None = None,
+    num_samples: int | None = None,
+    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    caching: str = "auto",
+    seed: int = 0,
+    quiet: bool = True,
+    graph: LayerGraph | None = None,
+) -> dict:
+    """Calibrate every quantized Conv2d/Linear layer of ``model`` with AdaQuant, in place.
+
+    ``model`` is a float model (converted here, in place, with per-channel asymmetric weights and
+    the first/last layers pinned at ``keep_first_last`` bits) or an already converted one.
+    ``w_bits``/``a_bits`` set a uniform precision first; ``None`` keeps the model's current
+    (possibly per-layer) precision. Layers without calibrated ranges at their precision get them
+    from ``init`` (``"mse"`` or ``"minmax"``). ``float_model`` is the reference (default: a float
+    copy of ``model`` taken before any change). Learning rates are relative: ``lr_weight`` and
+    ``lr_weight_range`` in weight quantization steps, ``lr_act_range`` in activation steps,
+    ``lr_bias`` in output standard deviations, per Adam step. ``caching``: ``"graph"`` walks the
+    torch.fx graph once for all layers, ``"passes"`` runs forward passes per layer, ``"auto"`` takes
+    the graph walk when the model traces and its live activations fit in ``max_cache_bytes``.
+    Returns a per-layer report (output MSE before/after, post-ops found, time).
+    """
+    lrs = {"lr_weight": lr_weight, "lr_bias": lr_bias, "lr_weight_range": lr_weight_range, "lr_act_range": lr_act_range}
+    check_settings(mode, iters, batch_size, lrs, max_cache_bytes)
+    check_method(init)
+    if caching not in CACHING:
+        raise PTQError(f"caching={caching!r} is unknown: expected one of {list(CACHING)}")
+    start = time.perf_counter()
+    calib = calibration_tensor(calib_data, num_samples, seed)
+    if float_model is None:
+        float_model = float_copy(model)
+    prepare_model(model, keep_first_last)
+    if w_bits is not None or a_bits is not None:
+        set_precision(model, (FLOAT_BITS if w_bits is None else w_bits, FLOAT_BITS if a_bits is None else a_bits))
+    device = _device_of(model)
+    float_model.to(device)
+    if graph is None:
+        graph = analyse(model, calib[:2].to(device))
+    names = _calibrated_layers(model, graph, layers)
+    need = check_cache(graph, names, calib.shape[0], max_cache_bytes)
+    kind, float_graph, why = _plan_caching(caching, model, float_model, graph, names, calib, mode, need,
+                                           max_cache_bytes, device)
+    modules = quant_layers(model)
+    missing = [n for n in names if not has_ranges(modules[n])]
+    if missing:
+        init_ranges(model, calib, init, layers=missing, device=device, seed=seed, quiet=quiet)
+
+    generator = torch.Generator().manual_seed(seed)
+    report: dict[str, dict] = {}
+    with _inference(model), _inference(float_model, True):
+        if kind == "graph":
+            source = _GraphSource(model, float_model, calib, graph.fx_graph, float_graph, device, mode)
+        else:
+            source = _PassSource(model, float_model, calib, graph, device, mode)
+        for name in progress(names, desc=f"AdaQuant ({mode})", quiet=quiet):
+            t0 = time.perf_counter()
+            post = graph.post.get(name, PostOp())
+            x, y = source.get(name, post)
+            problem = _LayerProblem(model, name, post, x[:FORWARD_BATCH])
+            before = problem.mse(x, y)
+            with torch.enable_grad():
+                _optimise(problem, x, y, iters, batch_size, lrs, generator)
+            after = problem.mse(x, y)
+            reverted = not after < before
+            if reverted:
+                problem.revert()
+                after = before
+            else:
+                problem.commit()
+            layer = modules[name]
+            report[name] = {
+                "w_bits": layer.w_bits, "a_bits": layer.a_bits, "post_op": post.describe(),
+                "input": "float" if mode == "parallel" else "quantized", "mse_before": before, "mse_after": after,
+                "reverted": reverted, "iters": iters, "cache_mib": need[name] / 2**20,
+                "seconds": time.perf_counter() - t0,
+            }
+            del x, y, problem
+        del source
+    return {"mode": mode, "graph": graph.method, "fx_error": graph.fx_error, "caching": kind,
+            "caching_reason": why, "samples": int(calib.shape[0]), "layers": report,
+            "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module, float_model: nn.Module, calib: torch.Tensor, graph: LayerGraph,
+                 device=None) -> dict[str, float]:
+    """Output MSE of every quantized layer against the float layer, both fed the float inputs
+    (after their post-ops), in one float pass over ``calib``."""
+    modules = quant_layers(model)
+    names = [n for n in graph.order if not modules[n].is_float and isinstance(modules[n], (QuantConv2d, QuantLinear))]
+    sums = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+
+    def hook(name):
+        def fn(m, args, out):
+            post = graph.post.get(name, PostOp())
+            q = post.apply(modules[name](args[0]), model)
+            ref = post.apply(out, float_model)
+            sums[name] += float((q - ref).pow(2).sum())
+            counts[name] += ref.numel()
+        return fn
+
+    handles = [float_model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with _inference(float_model, True), _inference(model):
+            for x in batches(calib, FORWARD_BATCH, device):
+                float_model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / max(counts[n], 1) for n in names}

@@ -1,0 +1,121 @@
+"""``anybit ptq`` end to end, in-process, on a tiny registry checkpoint and synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import anybit
+from anybit.cli import main
+from anybit.models import create, register
+
+DATA = {"dataset": "synthetic", "options": {"num_samples": 96, "num_classes": 4, "image_size": 8}}
+FAST = ["--calib-size", "64", "--iters", "4", "--bias-iters", "3", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A width-0.25 ResNet-20 trained a few steps on the synthetic data, saved in float."""
+    torch.manual_seed(0)
+    model = create("resnet20", width=0.25, num_classes=4)
+    train = anybit.data.load("synthetic", "train", **DATA["options"])
+    x, y = torch.stack([train[i][0] for i in range(len(train))]), train.targets
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    anybit.save(model.eval(), path, data=DATA)
+    return path
+
+
+@pytest.mark.parametrize("pipeline, mode", [("rtn", "sequential"), ("mse", "sequential"), ("adaquant", "parallel"),
+                                            ("adaquant", "sequential"), ("light", "sequential"),
+                                            ("advanced", "sequential")])
+def test_pipelines_end_to_end(checkpoint, tmp_path, capsys, pipeline, mode):
+    out = tmp_path / "out"
+    rc = main(["ptq", str(checkpoint), "--pipeline", pipeline, "--adaquant-mode", mode, "--w-bits", "4",
+               "--a-bits", "8", "--out", str(out), *FAST])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "top-1 %" in printed and "W4A8 (first/last 8)" in printed
+    run = json.loads((out / "run.json").read_text())
+    stages = [s["name"] for s in run["metrics"]["stages"]]
+    assert stages[0] == ("ranges_minmax" if pipeline == "rtn" else "ranges_mse")
+    assert all(f"stage.{s}" in run["timings_s"] for s in stages)
+    layers = run["metrics"]["layers"]
+    assert layers["layer1.0.conv1"]["post_op"] == "layer1.0.bn1 + relu"
+    assert {"mse_init", "mse_calibrated"} <= set(layers["layer1.0.conv1"])
+    if pipeline in ("adaquant", "advanced"):
+        adaquant = next(s for s in run["metrics"]["stages"] if s["name"] == "adaquant")["result"]
+        assert adaquant["mode"] == mode and len(adaquant["layers"]) == 22  # pinned 8-bit layers too
+    meta = anybit.read_metadata(out)
+    assert meta["metadata"]["data"] == DATA and meta["metadata"]["ptq"]["pipeline"][0] == stages[0]
+    assert meta["metadata"]["ptq"]["w_bits"] == 4
+    loaded = anybit.load(out)
+    assert anybit.get_precision(loaded)["layer1.0.conv1"] == (4, 8)
+    assert anybit.get_precision(loaded)["conv1"] == (8, 8)
+    with torch.no_grad():
+        acc = anybit.evaluation.evaluate(loaded, anybit.data.make_loader(
+            anybit.data.load("synthetic", "test", **DATA["options"]), 256, shuffle=False), quiet=True)["accuracy"]
+    assert acc == pytest.approx(run["metrics"]["quantized"]["accuracy"])
+
+
+def test_converted_multibit_checkpoint_is_used_at_32_bits(tmp_path, capsys):
+    model = anybit.convert(create("resnet20", width=0.25, num_classes=4), anybit.QuantSpec(wbc=True, keep_first_last=8))
+    anybit.set_precision(model, 2)
+    anybit.save(model, tmp_path / "mb" / "model", data=DATA)
+    rc = main(["ptq", str(tmp_path / "mb"), "--pipeline", "rtn", "--w-bits", "8", "--a-bits", "8",
+               "--keep-first-last", "none", "--out", str(tmp_path / "out"), *FAST])
+    assert rc == 0
+    meta = anybit.read_metadata(tmp_path / "out")
+    assert meta["model"]["quant_spec"]["weight"] == "asymmetric" and meta["model"]["quant_spec"]["keep_first_last"] is None
+    assert set(map(tuple, meta["precision"].values())) == {(8, 8)}
+
+
+class _NoLayers(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :4]
+
+
+register("ptq-test-no-layers", lambda num_classes=4, in_channels=3: _NoLayers())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calib-size", "500"], "larger than the synthetic train split"),
+    (["--w-bits", "0"], "--w-bits=0 is not a valid bit-width"),
+    (["--a-bits", "17"], "--a-bits=17 is not a valid bit-width"),
+    (["--keep-first-last", "33"], "--keep-first-last=33"),
+    (["--budget", "0.2", "--pipeline", "mse"], "--budget allocates bits"),
+    (["--dataset", "nope"], "unknown dataset"),
+])
+def test_bad_inputs_exit_2_before_work(checkpoint, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    rc = main(["ptq", str(checkpoint), "--out", str(out), "--quiet", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_checkpoint_and_model_without_layers_exit_2(tmp_path, capsys):
+    assert main(["ptq", str(tmp_path / "nothing"), "--out", str(tmp_path / "o1")]) == 2
+    assert "no anybit checkpoint" in capsys.readouterr().err
+    model = create("ptq-test-no-layers")
+    anybit.save(model, tmp_path / "empty" / "model", data=DATA)
+    assert main(["ptq", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
+    assert "no layer anybit can quantize" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", *FAST]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", "--overwrite", *FAST]) == 0
