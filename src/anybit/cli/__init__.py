@@ -9,9 +9,9 @@ import traceback
 
 import anybit
 
-from . import eval_cmd, ptq_cmd, train_cmd
+from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
 
-SUBCOMMANDS = [train_cmd, eval_cmd, ptq_cmd]
+SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,255 @@
+"""``anybit mixed``: a bit-width per layer under a size or BOPs budget, by integer programming."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import anybit
+from anybit import data as anydata
+from anybit import mixed
+from anybit.checkpoint import checkpoint_paths, write_json
+from anybit.evaluation import evaluate
+from anybit.quant import FLOAT_BITS, QuantSpec, check_bits, precision, quant_layers
+from anybit.report import RunRecorder, format_table
+
+from .common import (
+    CLIError,
+    add_data_args,
+    add_run_args,
+    positive_int,
+    prepare_out_dir,
+    resolve_device,
+    seed_everything,
+)
+from .eval_cmd import dataset_from_metadata
+
+SETUPS = ("auto", "none", "minmax")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mixed", help="allocate a bit-width per layer under a size or BOPs budget (integer programming)",
+        description="Measure every layer's sensitivity at each bit-width on calibration data, choose the "
+                    "bit-width per layer with the least predicted loss within a budget (an integer program "
+                    "solved by HiGHS), apply it, evaluate it on the test split, and write OUT/bitmap.json "
+                    "(for anybit eval --bit-map and export) and OUT/run.json. With --sweep, also a Pareto "
+                    "table (CSV, Markdown) and plot against uniform bit-widths.",
+    )
+    p.add_argument("run", metavar="RUN", help="checkpoint or run directory (anything anybit.load reads)")
+    p.add_argument("--budget", type=float,
+                   help="budget as a fraction of the float model's weight bits (--metric size) or BOPs "
+                        "(--metric bops), e.g. 0.15")
+    p.add_argument("--metric", choices=mixed.METRICS, default="size",
+                   help="what the budget limits: weight size in bits or bit operations (default: %(default)s)")
+    p.add_argument("--sweep", metavar="START:STOP:STEP",
+                   help="also solve and evaluate a range of budgets, e.g. 0.10:0.30:0.02, for a Pareto curve")
+    p.add_argument("--options", default="2,3,4,8", help="bit-widths to choose from (default: %(default)s)")
+    p.add_argument("--a-bits", type=int,
+                   help="fix activation bits for every option (default: activations follow the weight bits)")
+    p.add_argument("--objective", choices=("loss", "cost"), default="loss",
+                   help="loss: least predicted loss within --budget; cost: least cost with predicted loss "
+                        "increase at most --max-loss (default: %(default)s)")
+    p.add_argument("--max-loss", type=float, help="largest predicted loss increase (with --objective cost)")
+    p.add_argument("--solver", choices=("ip", "greedy"), default="ip",
+                   help="integer program or the greedy baseline (default: %(default)s)")
+    p.add_argument("--loss", choices=("kl", "ce"), default="kl",
+                   help="sensitivity loss: KL to the float model's outputs, or cross-entropy with labels "
+                        "(default: %(default)s)")
+    p.add_argument("--setup", choices=SETUPS, default="auto",
+                   help="per-layer calibration for each option: none (multi-bit networks run at any bit-width "
+                        "as they are), minmax (activation ranges from min/max, for post-training quantization), "
+                        "auto: minmax when the model has uncalibrated activation ranges (default: %(default)s)")
+    p.add_argument("--calib-size", type=positive_int, default=512,
+                   help="calibration samples from the train split (default: %(default)s)")
+    p.add_argument("--test-size", type=positive_int, help="evaluate on a random subset of the test split")
+    p.add_argument("--pin-first-last", type=int, default=8,
+                   help="for a float checkpoint (converted here, per-channel asymmetric weights): bit-width of "
+                        "the first and last layer, which the allocation leaves alone (default: %(default)s)")
+    p.add_argument("--cache", help="sensitivity cache file (default: RUN_DIR/mixed-cache/sensitivity-<settings>.json)")
+    p.add_argument("--no-cache", action="store_true", help="measure sensitivities again and do not cache them")
+    add_data_args(p)
+    add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> dict:
+    if args.budget is None and args.sweep is None and args.objective == "loss":
+        raise CLIError("give --budget (e.g. --budget 0.15) or --sweep START:STOP:STEP (e.g. 0.10:0.30:0.02)")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise CLIError(f"--budget {args.budget} must be a fraction of the float model's cost in (0, 1], e.g. 0.15")
+    if args.objective == "cost" and args.max_loss is None:
+        raise CLIError("--objective cost needs --max-loss, the largest predicted loss increase allowed")
+    if args.max_loss is not None and args.objective != "cost":
+        raise CLIError("--max-loss applies to --objective cost only")
+    if args.solver == "greedy" and args.objective == "cost":
+        raise CLIError("--solver greedy minimises the loss within --budget; use --solver ip with --objective cost")
+    if args.cache and args.no_cache:
+        raise CLIError("--cache and --no-cache contradict each other: choose one")
+    sweep = mixed.parse_sweep(args.sweep) if args.sweep else []
+    if any(b > 1 for b in sweep):
+        raise CLIError(f"--sweep {args.sweep} goes above 1 (the float model's cost); keep budgets in (0, 1]")
+    options = mixed.resolve_options(args.options, args.a_bits)
+    check_bits(args.pin_first_last, "--pin-first-last")
+    return {"sweep": sweep, "options": options}
+
+
+def _cache_path(args: argparse.Namespace, options, dataset: str, setup_name: str, out: Path) -> Path | None:
+    if args.no_cache:
+        return None
+    if args.cache:
+        return Path(args.cache)
+    key = json.dumps({"options": options, "loss": args.loss, "calib": args.calib_size, "seed": args.seed,
+                      "dataset": dataset, "setup": setup_name, "pin": args.pin_first_last}, sort_keys=True)
+    folder = checkpoint_paths(args.run)[0].parent / "mixed-cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = out
+    return folder / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def _load_model(args: argparse.Namespace, device):
+    model = anybit.load(args.run).to(device).eval()
+    converted_here = False
+    if not quant_layers(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            anybit.convert(model, QuantSpec(weight="asymmetric", weight_per_channel=True,
+                                            keep_first_last=args.pin_first_last))
+        converted_here = True
+    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
+    return model, converted_here, classes
+
+
+def _evaluate(model, loader, device, quiet, desc) -> dict:
+    r = evaluate(model, loader, device, desc=desc, quiet=quiet)
+    return {"top1": r["accuracy"], "loss": r["loss"], "samples": r["samples"]}
+
+
+def _row(method: str, label: str, alloc: mixed.Allocation | None, result: dict, relative_cost: float,
+         budget: float | None = None) -> dict:
+    return {"method": method, "label": label, "budget": budget, "relative_cost": relative_cost,
+            "predicted_loss": None if alloc is None else alloc.predicted_loss,
+            "top1": result["top1"], "loss": result["loss"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    checked = _validate(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    meta = anybit.read_metadata(args.run)
+    name, data_options = dataset_from_metadata(args, meta)
+    out = prepare_out_dir(args.out, args.overwrite)
+    recorder = RunRecorder(out, "mixed", {
+        "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
+        "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
+        "solver": args.solver, "loss": args.loss, "setup": args.setup, "calib_size": args.calib_size,
+        "test_size": args.test_size, "dataset": name, "dataset_options": data_options,
+        "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
+
+    with recorder.timed("load"):
+        model, converted_here, classes = _load_model(args, device)
+        train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
+        test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
+        if classes is not None and classes != test_set.num_classes:
+            raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
+                           f"use the dataset it was trained for (--dataset)")
+        calib = train_set.subset(min(args.calib_size, len(train_set)), seed=args.seed)
+        if args.test_size is not None and args.test_size < len(test_set):
+            test_set = test_set.subset(args.test_size, seed=args.seed)
+        test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+        batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),
+                                            args.batch_size, device)
+
+    options = checked["options"]
+    act_bits = sorted({a for _, a in options})
+    setup_name = args.setup
+    if setup_name == "auto":
+        setup_name = "minmax" if mixed.needs_calibration(model, act_bits) else "none"
+    layer_setup = mixed.MinMaxSetup(batches) if setup_name == "minmax" else None
+    if layer_setup is None and mixed.needs_calibration(model, act_bits):
+        raise CLIError("this model's activation ranges were never learnt or calibrated (a float model converted "
+                       "for post-training quantization); use --setup minmax (or auto)")
+    cache = _cache_path(args, options, name, setup_name, out)
+    recorder.data["config"].update({"setup": setup_name, "converted_here": converted_here,
+                                    "cache": None if cache is None else str(cache)})
+    if not args.quiet:
+        path = "post-training (min/max calibration per option)" if layer_setup else "multi-bit (no calibration)"
+        print(f"model: {len(quant_layers(model))} quantizable layers, {path}"
+              + (", converted from float here" if converted_here else ""))
+
+    with recorder.timed("cost_model"):
+        cost = mixed.cost_model(model, options, args.metric, batches[0][0][:1])
+    if args.budget is not None:
+        mixed.check_budget(cost, args.budget)  # before the (long) measurement
+    with recorder.timed("sensitivity"):
+        sens = mixed.sensitivity(model, batches, options, loss=args.loss, layer_setup=layer_setup,
+                                 cache_path=cache, batch_size=args.batch_size, quiet=args.quiet)
+    write_json(out / "sensitivity.json", {**sens.to_dict(), "cost": cost.to_dict()})
+    recorder.data["metrics"]["sensitivity"] = {"from_cache": sens.from_cache, "seconds": sens.seconds,
+                                               "reference_loss": sens.reference_loss, "samples": sens.samples}
+    if not args.quiet:
+        print(f"sensitivity of {len(sens.layers)} layers x {len(options)} options "
+              + ("read from cache " if sens.from_cache else f"measured in {sens.seconds:.1f} s ")
+              + ("" if cache is None else f"({cache})"))
+
+    what = "weight size" if args.metric == "size" else "BOPs"
+    if args.budget is not None or args.objective == "cost":
+        with recorder.timed("solve"):
+            if args.solver == "greedy":
+                alloc = mixed.allocate_greedy(sens, cost, args.budget)
+            else:
+                alloc = mixed.allocate(sens, cost, args.budget, objective=args.objective, max_loss=args.max_loss)
+        with recorder.timed("eval"):
+            mixed.apply_allocation(model, alloc, layer_setup)
+            result = _evaluate(model, test_loader, device, args.quiet, "eval allocation")
+        mixed.save_bit_map(out / "bitmap.json", alloc)
+        recorder.data["metrics"]["allocation"] = {**alloc.to_dict(), "test": result}
+        rows = [[n, mixed.option_label(alloc.bit_map[n]), *(f"{sens.delta[i, k]:.4g}" for k in range(len(options)))]
+                for i, n in enumerate(sens.layers)]
+        if not args.quiet:
+            print(format_table(["layer", "chosen", *(f"ΔL@{mixed.option_label(o)}" for o in options)], rows))
+        print(f"{args.solver} allocation: {what} {alloc.relative_cost:.2%} of float"
+              + (f" (budget {args.budget:.2%})" if args.budget is not None else "")
+              + f", layers {alloc.counts()}, predicted ΔL {alloc.predicted_loss:.4f}, "
+              f"test top-1 {result['top1']:.2f}% ({result['samples']} samples)")
+        print(f"wrote {out / 'bitmap.json'}")
+
+    if checked["sweep"]:
+        with recorder.timed("sweep"):
+            pareto = _sweep(args, model, sens, cost, layer_setup, test_loader, device, checked["sweep"], out)
+        recorder.data["metrics"]["pareto"] = pareto
+    path = recorder.write()
+    print(f"wrote {path}")
+    return 0
+
+
+def _sweep(args, model, sens, cost, layer_setup, loader, device, budgets, out: Path) -> dict:
+    rows = []
+    with precision(model, FLOAT_BITS):
+        float_result = _evaluate(model, loader, device, args.quiet, "eval float")
+    for option in sens.options:
+        alloc = mixed.uniform_allocation(sens, cost, option)
+        mixed.apply_allocation(model, alloc, layer_setup)
+        result = _evaluate(model, loader, device, args.quiet, f"eval uniform {mixed.option_label(option)}")
+        rows.append(_row("uniform", f"W{option[0]}A{option[1]}", alloc, result, alloc.relative_cost))
+    allocs, skipped = mixed.sweep(sens, cost, budgets, method=args.solver)
+    (out / "bitmaps").mkdir(exist_ok=True)
+    for alloc in allocs:
+        mixed.apply_allocation(model, alloc, layer_setup)
+        result = _evaluate(model, loader, device, args.quiet, f"eval budget {alloc.relative_budget:.3f}")
+        mixed.save_bit_map(out / "bitmaps" / f"budget-{alloc.relative_budget:.4f}.json", alloc)
+        counts = " ".join(f"{k}:{v}" for k, v in alloc.counts().items())
+        rows.append(_row(args.solver, counts, alloc, result, alloc.relative_cost, alloc.relative_budget))
+    title = f"{anybit.read_metadata(args.run).get('model', {}).get('arch', 'model')}: top-1 vs {args.metric}"
+    paths = mixed.write_pareto(out, rows, args.metric, title, float_result["top1"])
+    print(mixed.pareto_markdown(rows, args.metric))
+    for b, reason in skipped:
+        print(f"budget {b:.4f} skipped: {reason}")
+    print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}")
+    return {"float": float_result, "rows": rows, "skipped": [{"budget": b, "reason": r} for b, r in skipped],
+            "files": {k: str(v) for k, v in paths.items()}}
