@@ -102,3 +102,18 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "bit-width=33" in done.stderr
+
+
+def test_eval_bit_map_matches_uniform_precision(checkpoint, tmp_path, capsys):
+    model = anybit.load(checkpoint)
+    bitmap = tmp_path / "bitmap.json"
+    bitmap.write_text(json.dumps({name: {"w": 4, "a": 4} for name in anybit.get_precision(model)}))
+    assert main(["eval", str(checkpoint), "--bits", "4", "--quiet", "--out", str(tmp_path / "uniform")]) == 0
+    uniform = json.loads((tmp_path / "uniform" / "run.json").read_text())["metrics"]["4"]
+    assert main(["eval", str(checkpoint), "--bit-map", str(bitmap), "--quiet", "--out", str(tmp_path / "map")]) == 0
+    mapped = json.loads((tmp_path / "map" / "run.json").read_text())["metrics"]["bit_map"]
+    assert mapped["accuracy"] == uniform["accuracy"] and mapped["loss"] == pytest.approx(uniform["loss"])
+    bitmap.write_text(json.dumps({"no.such.layer": {"w": 4, "a": 4}}))
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--bit-map", str(bitmap)]) == 2
+    assert "no.such.layer" in capsys.readouterr().err

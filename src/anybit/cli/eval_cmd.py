@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
                         "nearest trained one) and re-estimate its statistics on training data")
     p.add_argument("--recalibrate-batches", type=positive_int, default=20, metavar="N",
                    help="batches of training data for BN re-calibration (default: %(default)s)")
+    p.add_argument("--bit-map", metavar="FILE",
+                   help="evaluate once at a per-layer bit map (bitmap.json written by anybit mixed) "
+                        "instead of at uniform --bits")
     p.add_argument("--out", help="directory for run.json and accuracy.png (default: CHECKPOINT_DIR/eval)")
     p.add_argument("--seed", type=int, default=0)
     add_device_args(p)
@@ -61,6 +64,8 @@ def switchable_bn_bits(meta: dict) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bit_map:
+        return run_bit_map(args)
     bits = parse_bit_list(args.bits)
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -130,6 +135,37 @@ def run(args: argparse.Namespace) -> int:
             row.append(f"{r['model_bits']}-bit model")
     print(format_table(headers, rows))
     print(f"wrote {path} and {out / 'accuracy.png'}")
+    return 0
+
+
+def run_bit_map(args: argparse.Namespace) -> int:
+    """``anybit eval --bit-map FILE``: accuracy at one per-layer precision."""
+    from anybit import mixed
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    meta = anybit.read_metadata(args.checkpoint)
+    if meta.get("metadata", {}).get("members"):
+        raise CLIError("a dedicated run holds one model per bit-width; a per-layer bit map needs one shared model")
+    name, options = dataset_from_metadata(args, meta)
+    model = anybit.load(args.checkpoint).to(device)
+    bit_map = mixed.load_bit_map(args.bit_map, model)
+    anybit.set_precision(model, bit_map)
+    test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+    if args.test_subset and args.test_subset < len(test_set):
+        test_set = test_set.subset(args.test_subset, seed=args.seed)
+    _check_fits(model, test_set)
+    out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
+    recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": str(args.bit_map),
+                                         "dataset": name, "options": options, "device": str(device)})
+    loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+    with recorder.timed("eval"):
+        result = evaluate(model, loader, device, desc="eval bit map", quiet=args.quiet)
+    recorder.data["metrics"] = {"bit_map": result}
+    path = recorder.write()
+    print(format_table(["precision", "top-1 %", "loss"], [[Path(args.bit_map).name, result["accuracy"],
+                                                            f"{result['loss']:.4f}"]]))
+    print(f"wrote {path}")
     return 0
 
 
