@@ -10,7 +10,6 @@ with the exact command and the environment; the summary table goes to ``docs/<pa
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ DOCS = ROOT.parent / "docs"
 if str(ROOT.parent / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT.parent / "src"))
 
+from anybit.checkpoint import write_json  # noqa: E402
 from anybit.report import environment, format_table  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def write_results(name: str, report: dict[str, Any], tag: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}-{tag}.json" if tag else f"{name}.json")
     report = {**report, "environment": report.get("environment") or environment()}
-    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    write_json(path, report)
     return path
 
 
@@ -116,13 +116,3 @@ def fmt(value, spec: str = ".2f", missing: str = "—") -> str:
 def mean(values: Iterable[float]) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
-
-
-def _json_default(obj):
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
