@@ -42,12 +42,14 @@ class PostOp:
         return " + ".join(parts) or "none"
 
     def apply(self, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
-        """``relu(bn(y))`` with the model's BatchNorm in inference mode (its statistics frozen)."""
+        """``relu(bn(y))`` with the model's BatchNorm in inference mode (its statistics frozen; batch
+        statistics for a BatchNorm that keeps none)."""
         if self.bn is not None:
             bn = model.get_submodule(self.bn)
+            batch_stats = bn.running_mean is None  # track_running_stats=False: BN always uses batch statistics
             y = F.batch_norm(y, bn.running_mean, bn.running_var,
                              None if bn.weight is None else bn.weight.detach(),
-                             None if bn.bias is None else bn.bias.detach(), False, 0.0, bn.eps)
+                             None if bn.bias is None else bn.bias.detach(), batch_stats, 0.0, bn.eps)
         return F.relu(y) if self.relu else y
 
 

@@ -37,9 +37,9 @@ from .ranges import check_method, has_ranges, init_ranges
 
 MODES = ("parallel", "sequential")
 CACHING = ("auto", "graph", "passes")
-DEFAULT_ITERS = 200
+DEFAULT_ITERS = 50
 DEFAULT_BATCH_SIZE = 50
-DEFAULT_LR_WEIGHT = 1e-2
+DEFAULT_LR_WEIGHT = 3e-2
 DEFAULT_LR_BIAS = 1e-3
 DEFAULT_LR_WEIGHT_RANGE = 1e-3
 DEFAULT_LR_ACT_RANGE = 1e-2

@@ -22,7 +22,7 @@ from ..quant import QUANT_LAYER_TYPES, FLOAT_BITS, precision, quant_layers
 from .calibdata import CalibData, batches, calibration_tensor
 from .errors import PTQError
 
-DEFAULT_BIAS_ITERS = 200
+DEFAULT_BIAS_ITERS = 100
 DEFAULT_BIAS_BATCH_SIZE = 50
 DEFAULT_BIAS_LR = 1e-3
 
