@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 import anybit
 from anybit import data as anydata
@@ -135,9 +137,15 @@ def run(args: argparse.Namespace) -> int:
         "metric": args.metric if args.budget is not None else None, **config.to_dict()})
     calib = train_set.subset(args.calib_size, seed=args.seed)
     model = model.to(device)
+    started = time.perf_counter()
+
+    def stage_done(name: str, _model) -> None:   # one line per stage, also when stderr is not a terminal
+        if not args.quiet:
+            print(f"{name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
     with recorder.timed("calibration"):
         qmodel, report = ptq.quantize(model, calib, config=config, bit_allocator=allocator, device=device,
-                                      quiet=args.quiet)
+                                      quiet=args.quiet, on_stage_end=stage_done)
     for stage in report.stages:
         recorder.data["timings_s"][f"stage.{stage['name']}"] = stage["seconds"]
     loader = anydata.make_loader(test_set, args.eval_batch_size, shuffle=False)

@@ -97,7 +97,8 @@ def _concat(batches: Iterable, limit: int | None, what: str) -> torch.Tensor:
     try:
         x = torch.cat(parts)
     except RuntimeError as e:
-        raise CalibrationDataError(f"calibration batches do not stack into one tensor ({e}): give inputs of one shape") from e
+        raise CalibrationDataError(
+            f"calibration batches do not stack into one tensor ({e}): give inputs of one shape") from e
     return x[:limit] if limit is not None else x
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -413,8 +414,6 @@ def prepare_model(model: nn.Module, keep_first_last: int | None = 8) -> nn.Modul
     check_quantizable(model)
     if not quant_layers(model):
         spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last})
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(model, spec)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import FLOAT_BITS, check_bits, get_precision, quant_layers, set_precision
+from ..quant import check_bits, get_precision, quant_layers, set_precision
 from . import layerwise as aq
 from .calibdata import CalibData, calibration_tensor
 from .errors import PTQError

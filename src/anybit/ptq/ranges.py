@@ -39,7 +39,8 @@ def _grid_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
     return (q - x).pow(2).mean(dim=1)
 
 
-def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+          symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     if symmetric:
         qmax = max(2 ** (bits - 1) - 1, 1)
         scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(1e-12)
@@ -50,7 +51,8 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tup
 
 @torch.no_grad()
 def weight_grid(weight: torch.Tensor, bits: int, method: str = "mse", per_channel: bool = True,
-                symmetric: bool = False, ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                symmetric: bool = False,
+                ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale, zero point and chosen clipping ratio of a ``bits``-bit weight grid.
 
     Per output channel (or one for the tensor), asymmetric unsigned ``[0, 2^bits - 1]`` unless
@@ -128,7 +130,8 @@ def _layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Te
 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list[str], *, batch_size: int = 256,
-                             device=None, max_samples: int = 2**16, seed: int = 0, quiet: bool = True) -> dict[str, ActStats]:
+                             device=None, max_samples: int = 2**16, seed: int = 0,
+                             quiet: bool = True) -> dict[str, ActStats]:
     """Min, max and a random sample (at most ``max_samples`` values) of the inputs of ``layers``,
     observed in one float forward pass over ``calib``."""
     modules = quant_layers(model)
