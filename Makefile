@@ -24,8 +24,9 @@ data:
 
 # The main job on the embedded default: see README.md.
 run: setup
-	$(VENV)/bin/anybit train --model resnet20 --dataset fashion-mnist --bits 1,2,4,8,32 --method emqnet \
-		--epochs 2 --train-subset 4000 --test-subset 2000 --out $(RUN_DIR) --overwrite
+	$(VENV)/bin/anybit train --model resnet20 --width 0.5 --dataset fashion-mnist --bits 1,2,4,8,32 \
+		--method emqnet --epochs 8 --train-subset 10000 --test-subset 2000 --batch-size 64 --lr 0.05 \
+		--out $(RUN_DIR) --overwrite
 	$(VENV)/bin/anybit eval $(RUN_DIR) --bits 1-8,32
 
 test: setup

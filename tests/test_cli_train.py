@@ -65,6 +65,12 @@ def test_emqnet_and_dedicated_evaluate_untrained_bits(tmp_path, capsys):
         assert main(["eval", str(out), "--bits", "2,3,32", "--quiet"]) == 0
         metrics = json.loads((out / "eval" / "run.json").read_text())["metrics"]
         assert set(metrics) == {"2", "3", "32"} and metrics["3"]["bn_recalibration_s"] is None
+    emq = tmp_path / "emqnet"
+    weights = (emq / "model.safetensors").read_bytes()
+    assert main(["eval", str(emq), "--bits", "3,32", "--quiet", "--recalibrate-bn", "--recalibrate-batches", "1"]) == 0
+    metrics = json.loads((emq / "eval" / "run.json").read_text())["metrics"]
+    assert metrics["3"]["bn_recalibration_s"] > 0 and metrics["32"]["bn_recalibration_s"] > 0
+    assert (emq / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "dedicated" / "model-2bit.safetensors").is_file()
     assert "2-bit model" in capsys.readouterr().out
 

@@ -17,6 +17,7 @@ from anybit.train import (
     TrainConfig,
     TrainConfigError,
     recalibrate_bn,
+    shared_bn_recalibrated,
 )
 from anybit.train.optim import LRSchedule
 from anybit.train.state import flatten, unflatten
@@ -109,6 +110,25 @@ def test_anyprecision_untrained_bit_width_needs_recalibration(trained, datasets)
     assert not again["recalibrated"]
     with pytest.raises(NoSwitchableBNError):
         recalibrate_bn(trained["emqnet"][0].model_for(3), loader, 3)
+
+
+def test_shared_bn_recalibration_fits_one_bit_width_and_restores_the_checkpoint(trained, datasets):
+    model = trained["emqnet"][0].model_for(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.cat([datasets[0][i][0][None] for i in range(256)])
+    first_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    first_bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with shared_bn_recalibrated(model, [(images, None)], 3, batches=1) as info:
+        pre_bn = seen[-1]
+        assert info["batches"] == 1 and info["samples"] == 256 and not model.training
+        assert torch.allclose(first_bn.running_mean, pre_bn.mean(dim=(0, 2, 3)), atol=1e-5)
+        assert torch.allclose(first_bn.running_var, pre_bn.var(dim=(0, 2, 3)), rtol=1e-3)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)   # the checkpoint is unchanged
+    with pytest.raises(ValueError, match="empty"), shared_bn_recalibrated(model, [], 3):
+        pass
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_distillation_teachers():
@@ -244,3 +264,13 @@ def test_emqnet_float_path_clips_activations_and_survives_a_checkpoint(tmp_path)
     net = anybit.convert(create("resnet20", width=0.25), METHODS["emqnet"].quant_spec((1, 32), 32))
     anybit.save(net, tmp_path / "m")
     assert anybit.load(tmp_path / "m").layer1[0].conv1.input_quant.clip_float
+
+
+def test_epoch_line_reports_test_accuracy_or_loss():
+    from anybit.train.trainer import epoch_line
+
+    record = {"epoch": 2, "seconds": {"scoring": 1.0, "train": 10.0, "eval": 2.0},
+              "bits": {"32": {"loss": 0.5, "test_acc": 81.25}, "4": {"loss": 0.7, "test_acc": 79.0}}}
+    assert epoch_line(record, 5) == "epoch 2/5 (13 s) test top-1: 32b 81.2%, 4b 79.0%"
+    record = {"epoch": 1, "seconds": {"train": 3.0}, "bits": {"32": {"loss": 0.5}}}
+    assert epoch_line(record, 5) == "epoch 1/5 (3 s) train: 32b loss 0.500"

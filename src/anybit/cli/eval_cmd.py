@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from anybit.checkpoint import checkpoint_paths
 from anybit.evaluation import evaluate
 from anybit.quant import parse_bit_list, precision
 from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
-from anybit.train import nearest_bits, recalibrate_bn
+from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
 from .common import CLIError, add_data_args, add_device_args, positive_int, resolve_device, seed_everything
 
@@ -22,7 +23,9 @@ def add_parser(subparsers) -> None:
         "eval", help="evaluate a checkpoint at several bit-widths",
         description="Evaluate a checkpoint (a run directory or NAME.safetensors) at each bit-width, including "
                     "bit-widths it was not trained at, and print a table of accuracy per bit-width. A model with "
-                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others.",
+                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others; a "
+                    "shared-BN model (emqnet) runs every bit-width as it is, or with --recalibrate-bn re-estimates "
+                    "the shared statistics at each bit-width before evaluating it (the checkpoint is not changed).",
     )
     p.add_argument("checkpoint", help="run directory or checkpoint path")
     p.add_argument("--bits", default="1-8,32", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: %(default)s)")
@@ -32,7 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--test-subset", type=positive_int, help="evaluate on a fixed random subset of N test samples")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "
-                        "nearest trained one) and re-estimate its statistics on training data")
+                        "nearest trained one) and re-estimate its statistics on training data; shared-BN "
+                        "models: re-estimate the shared statistics at each evaluated bit-width")
     p.add_argument("--recalibrate-batches", type=positive_int, default=20, metavar="N",
                    help="batches of training data for BN re-calibration (default: %(default)s)")
     p.add_argument("--bit-map", metavar="FILE",
@@ -80,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
             f"({bn_bits}, method {info.get('method', 'anyprecision')}): pass --recalibrate-bn to re-estimate "
             f"BatchNorm statistics for them, or evaluate only {bn_bits}"
         )
-    if args.recalibrate_bn and bn_bits is None and not args.quiet:
-        print("note: this model shares one BatchNorm across bit-widths; --recalibrate-bn is not needed, ignored")
     name, options = dataset_from_metadata(args, meta)
 
     out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
@@ -100,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         _check_fits(model, test_set)
 
     recal: dict[int, dict] = {}
-    if need_bn:
+    shared_recal = args.recalibrate_bn and bn_bits is None and info.get("method") != "dedicated"
+    loader = None
+    if need_bn or shared_recal:
         with recorder.timed("data"):
             calib = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
             loader = anydata.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
@@ -108,12 +112,16 @@ def run(args: argparse.Namespace) -> int:
             for b in need_bn:
                 recal[b] = recalibrate_bn(models[b], loader, b, batches=args.recalibrate_batches, device=device)
 
-    loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+    test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
     results = {}
     with recorder.timed("eval"):
         for b in bits:
-            with precision(models[b], b):
-                results[b] = evaluate(models[b], loader, device, desc=f"eval {b}-bit", quiet=args.quiet)
+            with contextlib.ExitStack() as stack:
+                if shared_recal:
+                    recal[b] = stack.enter_context(shared_bn_recalibrated(
+                        models[b], loader, b, batches=args.recalibrate_batches, device=device))
+                stack.enter_context(precision(models[b], b))
+                results[b] = evaluate(models[b], test_loader, device, desc=f"eval {b}-bit", quiet=args.quiet)
             results[b]["trained"] = b in trained
             results[b]["bn_recalibration_s"] = recal[b]["seconds"] if b in recal else None
             if info.get("method") == "dedicated":

@@ -59,8 +59,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coreset-score", default="el2n", help=f"{', '.join(CORESET_SCORES)} (default: %(default)s)")
     p.add_argument("--coreset-refresh", type=int, default=0, metavar="R",
                    help="re-score every R epochs (default: 0, scored once)")
-    p.add_argument("--coreset-warmup", type=int, default=0, metavar="E",
-                   help="epochs on random subsets before the first scoring (default: 0)")
+    p.add_argument("--coreset-warmup", type=int, default=1, metavar="E",
+                   help="epochs on random subsets before the first scoring: an untrained network's "
+                        "scores say little (default: 1)")
     p.add_argument("--eval-every", type=int, default=1, metavar="E",
                    help="evaluate on the test split every E epochs; 0 = at the end only (default: 1)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")

@@ -1,9 +1,11 @@
-"""BatchNorm re-calibration for bit-widths a switchable-BN (Any-Precision) model was not trained at."""
+"""BatchNorm re-calibration: for bit-widths a switchable-BN (Any-Precision) model was not trained at,
+and, temporarily, for one bit-width of a shared-BN (emqnet) model."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -98,3 +100,52 @@ def recalibrate_bn(
         raise ValueError("the re-calibration data is empty")
     return {"bits": bits, "recalibrated": True, "source": source, "batches": done, "samples": samples,
             "seconds": time.perf_counter() - start}
+
+
+@contextmanager
+def shared_bn_recalibrated(
+    model: nn.Module, loader: Iterable, bits: int, batches: int = 20, device: str | torch.device | None = None
+) -> Iterator[dict]:
+    """Inside the ``with`` block, every BatchNorm of ``model`` holds statistics re-estimated at ``bits``.
+
+    For shared-BN models (emqnet): one BatchNorm serves all bit-widths with running statistics
+    averaged over the trained ones, which fit a bit-width only as well as weight bias correction
+    aligns its pre-BN activations (short runs align them less). This re-estimates the statistics
+    as a cumulative average over ``batches`` batches run at ``bits`` and restores the saved ones on
+    exit, so the checkpoint is unchanged. Yields what it did (``batches``, ``samples``, ``seconds``).
+    """
+    bits = check_bits(bits, "bits")
+    if batches < 1:
+        raise ValueError(f"batches={batches} must be at least 1")
+    targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if device is None:
+        device = next(model.parameters()).device
+    saved = [(t.momentum, {k: v.clone() for k, v in t.state_dict().items() if k.startswith(("running", "num"))})
+             for t in targets]
+    was_training = model.training
+    start = time.perf_counter()
+    samples = done = 0
+    try:
+        model.eval()
+        for t in targets:
+            t.reset_running_stats()
+            t.momentum = None  # cumulative average over the batches seen
+            t.train()
+        with torch.no_grad(), precision(model, bits):
+            for batch in loader:
+                if done >= batches:
+                    break
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(images.to(device))
+                samples += images.shape[0]
+                done += 1
+        if done == 0:
+            raise ValueError("the re-calibration data is empty")
+        model.eval()
+        yield {"bits": bits, "recalibrated": True, "batches": done, "samples": samples,
+               "seconds": time.perf_counter() - start}
+    finally:
+        for t, (momentum, buffers) in zip(targets, saved):
+            t.momentum = momentum
+            t.load_state_dict(buffers, strict=False)
+        model.train(was_training)

@@ -50,7 +50,7 @@ class TrainConfig:
     coreset_fraction: float | None = None
     coreset_score: str = "el2n"
     coreset_refresh: int = 0
-    coreset_warmup: int = 0
+    coreset_warmup: int = 1
     seed: int = 0
     eval_every: int = 1
     num_workers: int = 0

@@ -10,6 +10,7 @@ top precision, a teacher's soft labels below it) → backward (gradients accumul
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -250,6 +251,8 @@ class MultiBitTrainer:
             t0 = time.perf_counter()
             save_state(self.out_dir, self.epoch, self._state())
             self.add_time("state_save", time.perf_counter() - t0)
+        if not self.quiet:
+            print(epoch_line(record, self.config.epochs), file=sys.stderr, flush=True)
         if self.on_epoch_end is not None:
             self.on_epoch_end(self, record)
 
@@ -355,6 +358,17 @@ def check_same_config(saved: dict, current: dict) -> None:
         listed = "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}" for k, v in diff.items())
         raise ResumeError(f"--resume needs the same settings as the interrupted run, but these differ: {listed}. "
                           f"Re-run with the saved settings, or start a new run (--overwrite or another --out)")
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One line per finished epoch (printed whether or not stderr is a terminal, so logs show progress)."""
+    seconds = sum(record["seconds"].values())
+    parts = []
+    for b, m in record["bits"].items():
+        acc = m.get("test_acc")
+        parts.append(f"{b}b {acc:.1f}%" if acc is not None else f"{b}b loss {m['loss']:.3f}")
+    what = "test top-1" if any(m.get("test_acc") is not None for m in record["bits"].values()) else "train"
+    return f"epoch {record['epoch']}/{epochs} ({seconds:.0f} s) {what}: " + ", ".join(parts)
 
 
 def _log_rows(record: dict) -> list[dict]:
