@@ -79,19 +79,12 @@ def recalibrate_bn(
     saved_momentum = [t.momentum for t in targets]
     was_training = model.training
     model.eval()
-    samples = done = 0
     try:
         for t in targets:
             t.momentum = None  # cumulative average over the batches seen
             t.train()
         with precision(model, bits):
-            for batch in loader:
-                if done >= batches:
-                    break
-                images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(images.to(device))
-                samples += images.shape[0]
-                done += 1
+            done, samples = _run_batches(model, loader, batches, device)
     finally:
         for t, m in zip(targets, saved_momentum):
             t.momentum = m
@@ -124,7 +117,6 @@ def shared_bn_recalibrated(
              for t in targets]
     was_training = model.training
     start = time.perf_counter()
-    samples = done = 0
     try:
         model.eval()
         for t in targets:
@@ -132,13 +124,7 @@ def shared_bn_recalibrated(
             t.momentum = None  # cumulative average over the batches seen
             t.train()
         with torch.no_grad(), precision(model, bits):
-            for batch in loader:
-                if done >= batches:
-                    break
-                images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(images.to(device))
-                samples += images.shape[0]
-                done += 1
+            done, samples = _run_batches(model, loader, batches, device)
         if done == 0:
             raise ValueError("the re-calibration data is empty")
         model.eval()
@@ -149,3 +135,16 @@ def shared_bn_recalibrated(
             t.momentum = momentum
             t.load_state_dict(buffers, strict=False)
         model.train(was_training)
+
+
+def _run_batches(model: nn.Module, loader: Iterable, batches: int, device) -> tuple[int, int]:
+    """Forward the first ``batches`` batches of ``loader``; returns (batches run, samples)."""
+    done = samples = 0
+    for batch in loader:
+        if done >= batches:
+            break
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        model(images.to(device))
+        samples += images.shape[0]
+        done += 1
+    return done, samples
