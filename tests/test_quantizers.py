@@ -409,3 +409,43 @@ def test_wbc_gradients_detach_true_and_false():
         assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
         grads.append(w.grad)
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("scale, zero_point", [(0.05, 3.0), (0.3, 0.0), (0.01, 7.4)])
+def test_cpu_fake_quant_functions_equal_pytorch_kernels(bits, scale, zero_point):
+    from anybit.quant.functional import fake_quant_fixed_grid, fake_quant_learned_grid
+
+    torch.manual_seed(bits)
+    x = (torch.randn(6, 4, 5, 5) * 1.5).requires_grad_()
+    g = torch.randn_like(x)
+    qmax = 2**bits - 1
+
+    def grads(fn, learn: bool):
+        s = torch.tensor([scale], requires_grad=learn)
+        z = torch.tensor([zero_point], requires_grad=learn)
+        out = fn(x, s, z)
+        out.backward(g)
+        result = (out.detach(), x.grad.clone(), s.grad, z.grad)
+        x.grad = None
+        return result
+
+    ours = grads(lambda v, s, z: fake_quant_learned_grid(v, s, z, bits, 0.37), True)
+    ref = grads(lambda v, s, z: torch._fake_quantize_learnable_per_tensor_affine(v, s, z, 0, qmax, 0.37), True)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert torch.allclose(ours[2], ref[2], rtol=1e-4, atol=1e-5) and torch.allclose(ours[3], ref[3], rtol=1e-4,
+                                                                                        atol=1e-6)
+    zp = torch.tensor(float(min(max(round(zero_point), 0), qmax)))
+    ours = grads(lambda v, s, z: fake_quant_fixed_grid(v, s, zp, bits), False)
+    ref = grads(lambda v, s, z: torch.fake_quantize_per_tensor_affine(v, s, zp.reshape(1).int(), 0, qmax), False)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+def test_cpu_clamp_equals_torch_clamp_with_number_bounds():
+    from anybit.quant.functional import clamp_fixed
+
+    x = torch.tensor([-1.0, 0.0, 0.25, 1.0, 2.0], requires_grad=True)
+    clamp_fixed(x, torch.tensor(0.0), torch.tensor(1.0)).backward(torch.ones(5))
+    ref = x.detach().clone().requires_grad_()
+    ref.clamp(0.0, 1.0).backward(torch.ones(5))
+    assert torch.equal(x.grad, ref.grad) and x.grad.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]

@@ -14,7 +14,10 @@ from torch import nn
 from .functional import (
     FLOAT_BITS,
     WEIGHT_QUANTIZERS,
+    clamp_fixed,
     fake_quant,
+    fake_quant_fixed_grid,
+    fake_quant_learned_grid,
     minmax_scale_zero_point,
 )
 
@@ -149,7 +152,9 @@ class ActQuantizer(_PerBitRanges):
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FLOAT_BITS:
             if self.clip_float and (self.mode == "fixed" or bool(self.initialized)):
-                return torch.clamp(x, self.lo, self.hi)
+                if self.lo.requires_grad and torch.is_grad_enabled():
+                    return torch.clamp(x, self.lo, self.hi)
+                return clamp_fixed(x, self.lo, self.hi)
             return x
         lo, hi = self.range_for(bits)
         if lo is self.lo and not bool(self.initialized):
@@ -160,15 +165,10 @@ class ActQuantizer(_PerBitRanges):
                 )
             self.init_range(x.detach().amin(), x.detach().amax())
         scale, zero_point = minmax_scale_zero_point(lo, hi, bits)
-        # Fused kernels (forward and backward in one pass each) instead of ~8 elementwise passes
-        # over the activation: this is what keeps quantized training close to float speed.
-        if not (lo.requires_grad or hi.requires_grad):
-            return torch.fake_quantize_per_tensor_affine(
-                x, scale.reshape(1).float(), zero_point.reshape(1).int(), 0, 2**bits - 1)
+        if not (torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad)):
+            return fake_quant_fixed_grid(x, scale, zero_point, bits)
         grad_factor = 1.0 / (x.numel() * (2**bits - 1)) ** 0.5
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, scale.reshape(1).to(x.dtype), zero_point.reshape(1).to(x.dtype), 0, 2**bits - 1, grad_factor
-        )
+        return fake_quant_learned_grid(x, scale, zero_point, bits, grad_factor)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
