@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     configs = {
         "dorefa, fixed [0, 1] activations (Any-Precision)": anybit.QuantSpec(weight="dorefa", act="fixed"),
         "dorefa, learned activation range": anybit.QuantSpec(weight="dorefa"),
-        "dorefa + weight bias correction (emqnet)": anybit.QuantSpec(weight="dorefa", wbc=True),
+        "dorefa + weight bias correction, fixed [0, 1], clipped float path (emqnet)":
+            anybit.QuantSpec(weight="dorefa", wbc=True, act="fixed", act_clip_float=True),
         "symmetric per-channel": anybit.QuantSpec(weight="symmetric"),
     }
     rows, results = [], {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 
 import anybit
@@ -103,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     recal: dict[int, dict] = {}
     shared_recal = args.recalibrate_bn and bn_bits is None and info.get("method") != "dedicated"
-    loader = None
+    if args.recalibrate_bn and info.get("method") == "dedicated" and not args.quiet:
+        print("note: dedicated models each keep the BatchNorm statistics of their own bit-width; "
+              "--recalibrate-bn does not apply and is ignored")
     if need_bn or shared_recal:
         with recorder.timed("data"):
             calib = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
