@@ -181,9 +181,12 @@ def test_corrupt_or_foreign_sidecar(tmp_path):
 def test_wrong_architecture(tmp_path, other):
     path = _saved(tmp_path)  # resnet20, width 0.25
     target = create(other.pop("name"), **{"width": 0.25, **other})
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(CheckpointError, match="resnet20") as info:
         anybit.load(path, model=target)
     assert "does not fit" in str(info.value)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)   # no tensor was half-loaded
 
 
 def test_no_tmp_files_even_when_writing_fails(tmp_path, monkeypatch):

@@ -130,6 +130,19 @@ def _build(sidecar: dict, path) -> nn.Module:
     return models.create(info["arch"], **info.get("arch_kwargs", {}))
 
 
+def _check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Missing tensors and shapes first, so that a checkpoint that does not fit leaves the model's tensors
+    untouched (``load_state_dict`` copies every tensor that fits before it reports the others). Extra
+    checkpoint tensors are judged by ``load_state_dict``: per-bit-width ranges are created on loading."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{what}: {len(missing)} tensors missing (e.g. {missing[:3]})")
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
+              for k, v in expected.items() if tuple(v.shape) != tuple(state[k].shape)]
+    if shapes:
+        raise CheckpointError(f"{what}: {len(shapes)} tensors differ in shape (e.g. {'; '.join(shapes[:3])})")
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint written by :func:`save`.
 
@@ -152,17 +165,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
             warnings.simplefilter("ignore")
             convert(model, QuantSpec.from_dict(info["quant_spec"]))
     arch = info.get("arch", "a custom model")
+    mismatch = f"checkpoint {path} (architecture {arch}) does not fit this model"
+    _check_fit(model.state_dict(), state, mismatch)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        detail = str(e).split("\n\t", 1)[-1][:300]
-        raise CheckpointError(f"checkpoint {path} (architecture {arch}) does not fit this model: {detail}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {path} (architecture {arch}) does not fit this model: "
-            f"{len(result.missing_keys)} tensors missing (e.g. {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
-        )
+        raise CheckpointError(f"{mismatch}: {str(e).split(chr(10) + chr(9), 1)[-1][:300]}") from e
+    if result.unexpected_keys:
+        raise CheckpointError(f"{mismatch}: {len(result.unexpected_keys)} unexpected tensors "
+                              f"(e.g. {result.unexpected_keys[:3]})")
     model.anybit_meta = {**info, "checkpoint": sidecar.get("metadata", {})}
     saved_precision = {n: tuple(p) for n, p in sidecar.get("precision", {}).items()}
     if saved_precision:
