@@ -170,7 +170,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"{mismatch}: {str(e).split(chr(10) + chr(9), 1)[-1][:300]}") from e
+        detail = str(e).split("\n\t", 1)[-1][:300]
+        raise CheckpointError(f"{mismatch}: {detail}") from e
     if result.unexpected_keys:
         raise CheckpointError(f"{mismatch}: {len(result.unexpected_keys)} unexpected tensors "
                               f"(e.g. {result.unexpected_keys[:3]})")
