@@ -25,7 +25,7 @@ data:
 # The main job on the embedded default: see README.md.
 run: setup
 	$(VENV)/bin/anybit train --model resnet20 --width 0.5 --dataset fashion-mnist --bits 1,2,4,8,32 \
-		--method emqnet --epochs 8 --train-subset 10000 --test-subset 2000 --batch-size 64 --lr 0.05 \
+		--method emqnet --epochs 8 --train-subset 10000 --test-subset 1000 --batch-size 64 --lr 0.05 --distill none \
 		--out $(RUN_DIR) --overwrite
 	$(VENV)/bin/anybit eval $(RUN_DIR) --bits 1-8,32
 
