@@ -8,8 +8,8 @@ then top-1 on the test split of the integer-program allocation, the greedy alloc
 precision at the size of uniform 4-bit, at 13% of the float size and at the size of uniform 3-bit,
 plus a Pareto sweep. Also the solver time on a random 50-layer x 7-option problem (target < 1 s).
 
-    python benchmarks/mixed.py --quick        # CPU, width-0.5 ResNet-20: ~25 min from scratch on a busy
-                                              # 2-core CPU (11 of them training), ~15 min with cached models
+    python benchmarks/mixed.py --quick        # CPU, width-0.5 ResNet-20: ~20 min from scratch on a busy
+                                              # 2-core CPU (11 of them training), ~7 min with cached models
     python benchmarks/mixed.py                # width 1, longer training, full test split
     python benchmarks/mixed.py --doc-only     # rewrite docs/benchmarks-mixed.md from the results JSON
 
