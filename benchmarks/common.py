@@ -26,8 +26,24 @@ DOCS = ROOT.parent / "docs"
 if str(ROOT.parent / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT.parent / "src"))
 
+import anybit  # noqa: E402
 from anybit.checkpoint import write_json  # noqa: E402
+from anybit.evaluation import evaluate  # noqa: E402
 from anybit.report import environment, format_table  # noqa: E402
+from anybit.train import shared_bn_recalibrated  # noqa: E402
+
+
+def bn_reestimated_accuracy(model, calib_loader, test_loader, bits: Iterable[int], device,
+                            batches: int = 20) -> dict[str, float]:
+    """Test top-1 of a shared-BN model at each of ``bits`` with its BatchNorm statistics re-estimated at
+    that bit-width (``batches`` batches of ``calib_loader``): how much of its accuracy the one shared set
+    of statistics costs. The model's own statistics are restored afterwards."""
+    out = {}
+    for b in bits:
+        with shared_bn_recalibrated(model, calib_loader, b, batches=batches, device=device), \
+                anybit.precision(model, b):
+            out[str(b)] = evaluate(model, test_loader, device, quiet=True)["accuracy"]
+    return out
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

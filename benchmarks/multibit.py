@@ -24,6 +24,7 @@ import torch
 from common import (
     Stopwatch,
     add_common_args,
+    bn_reestimated_accuracy,
     apply_preset,
     command_line,
     fmt,
@@ -34,10 +35,9 @@ from common import (
 )
 
 import anybit.data  # noqa: E402  (common puts src/ on the path)
-from anybit.evaluation import evaluate  # noqa: E402
 from anybit.models import create  # noqa: E402
 from anybit.report import environment  # noqa: E402
-from anybit.train import MultiBitTrainer, TrainConfig, recalibrate_bn, shared_bn_recalibrated  # noqa: E402
+from anybit.train import MultiBitTrainer, TrainConfig, recalibrate_bn  # noqa: E402
 
 METHODS = {
     "dedicated": "one model per bit-width, full data each (reference)",
@@ -120,11 +120,9 @@ def run_method(method: str, args, train, calib, test) -> dict:
     reestimated = {}
     if method == "emqnet":   # how far the shared statistics are from each bit-width's own (not the target)
         calib_loader = anybit.data.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
-        model = trainer.model_for(max(args.bits))
-        for b in sorted(set(args.bits) | set(args.untrained)):
-            with shared_bn_recalibrated(model, calib_loader, b, batches=args.recalibrate_batches,
-                                        device=args.device), anybit.precision(model, b):
-                reestimated[str(b)] = evaluate(model, loader, args.device, quiet=True)["accuracy"]
+        reestimated = bn_reestimated_accuracy(trainer.model_for(max(args.bits)), calib_loader, loader,
+                                              sorted(set(args.bits) | set(args.untrained)), args.device,
+                                              batches=args.recalibrate_batches)
     return {
         "method": method,
         "description": METHODS[method],

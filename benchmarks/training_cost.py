@@ -27,9 +27,9 @@ import anybit
 import anybit.data
 from anybit.models import create
 from anybit.report import environment, format_table
-from anybit.evaluation import evaluate
-from anybit.train import MultiBitTrainer, TrainConfig, shared_bn_recalibrated
+from anybit.train import MultiBitTrainer, TrainConfig
 from anybit.train.coreset import BitwiseCoresetSampler
+from common import bn_reestimated_accuracy  # benchmarks/common.py, next to this script
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -109,20 +109,6 @@ def load_data(args):
     return train, calib, test
 
 
-def bn_reestimated_accuracy(trainer, calib, test, args) -> dict[str, float]:
-    """Test top-1 per bit-width with the shared BatchNorm's statistics re-estimated at that bit-width
-    (20 batches): how much of a shared-BN run's accuracy gap is its one set of statistics."""
-    model = trainer.model_for(max(args.bits))
-    calib_loader = anybit.data.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
-    test_loader = anybit.data.make_loader(test, 256, shuffle=False)
-    out = {}
-    for b in args.bits:
-        with shared_bn_recalibrated(model, calib_loader, b, batches=20, device=args.device), \
-                anybit.precision(model, b):
-            out[str(b)] = evaluate(model, test_loader, args.device, quiet=True)["accuracy"]
-    return out
-
-
 def build_run(name: str, args, train):
     """(float or pre-converted model, TrainConfig, sampler or None) for one run."""
     torch.manual_seed(args.seed)
@@ -154,7 +140,12 @@ def run_one(name: str, args, train, calib, test) -> dict:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     accuracy = {b: r["accuracy"] for b, r in trainer.evaluate(data=test).items()}
-    reestimated = bn_reestimated_accuracy(trainer, calib, test, args) if config.method == "emqnet" else None
+    reestimated = None
+    if config.method == "emqnet":   # not part of the target: what the one set of shared statistics costs
+        reestimated = bn_reestimated_accuracy(
+            trainer.model_for(max(args.bits)),
+            anybit.data.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed),
+            anybit.data.make_loader(test, 256, shuffle=False), args.bits, args.device)
     history = result["history"]
     overlaps = [sum(r["overlap"].values()) / max(1, len(r["overlap"])) for r in history]
     return {

@@ -73,22 +73,15 @@ def test_eval_unknown_dataset(checkpoint, capsys):
     assert "unknown dataset" in capsys.readouterr().err
 
 
-def test_eval_checkpoint_of_unknown_model(checkpoint, capsys):
+@pytest.mark.parametrize("arch, message", [("resnet21", "unknown model 'resnet21'"),
+                                           ("resnet32", "does not fit this model")])
+def test_eval_checkpoint_whose_recorded_architecture_is_wrong(checkpoint, capsys, arch, message):
     sidecar = checkpoint / "model.json"
     meta = json.loads(sidecar.read_text())
-    meta["model"]["arch"] = "resnet21"
+    meta["model"]["arch"] = arch
     sidecar.write_text(json.dumps(meta))
     assert main(["eval", str(checkpoint)]) == 2
-    assert "unknown model 'resnet21'" in capsys.readouterr().err
-
-
-def test_eval_checkpoint_of_another_architecture(checkpoint, capsys):
-    sidecar = checkpoint / "model.json"
-    meta = json.loads(sidecar.read_text())
-    meta["model"]["arch"] = "resnet32"
-    sidecar.write_text(json.dumps(meta))
-    assert main(["eval", str(checkpoint)]) == 2
-    assert "does not fit this model" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_eval_corrupt_checkpoint(checkpoint, capsys):

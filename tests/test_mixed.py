@@ -18,15 +18,6 @@ from anybit.models import create
 from anybit.quant import get_precision
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster for these tiny models on a shared CPU, and kinder to it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- hand-made problems
 
 

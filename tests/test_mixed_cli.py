@@ -15,14 +15,6 @@ from anybit.models import create
 DATA = {"dataset": "synthetic", "options": {"num_samples": 48, "image_size": 16}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def multibit_run(tmp_path_factory):
     """A width-0.25 ResNet-20 converted for multi-bit use (WBC, shared BN, first/last pinned at 8),

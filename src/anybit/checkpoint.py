@@ -57,6 +57,18 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
+def read_tagged_json(path: Path, fmt: str, error: type[Exception], kind: str, whole: str) -> dict:
+    """The JSON object in ``path`` whose ``"format"`` is ``fmt``; ``error`` if it is not valid JSON
+    (``whole`` is corrupt) or not such an object (not ``kind``)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); the {whole} is corrupt") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path} is not {kind} (no 'format': '{fmt}')")
+    return data
+
+
 def write_json(target: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     def write(tmp):
@@ -104,12 +116,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"no anybit checkpoint at {path}: missing {', '.join(missing)} "
             f"(expected NAME.safetensors and NAME.json written by anybit.save or anybit train)"
         )
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar_path} is not an anybit checkpoint sidecar (no 'format': '{FORMAT}')")
+    sidecar = read_tagged_json(sidecar_path, FORMAT, CheckpointError, "an anybit checkpoint sidecar", "checkpoint")
     if sidecar.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{sidecar_path} has format version {sidecar['format_version']}, newer than this anybit "

@@ -13,18 +13,16 @@ from anybit.evaluation import evaluate
 from anybit.quant import check_bits
 from anybit.report import RunRecorder, format_table
 
-from .common import CLIError, add_run_args, positive_int, prepare_out_dir, resolve_device, seed_everything
+from .common import (
+    CLIError,
+    add_run_args,
+    non_negative_int,
+    positive_int,
+    prepare_out_dir,
+    resolve_device,
+    seed_everything,
+)
 from .eval_cmd import dataset_from_metadata
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 def _bits_or_none(text: str) -> int | None:
@@ -62,11 +60,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential",
                    help="sequential: each layer sees the outputs of the quantized layers before it; "
                         "parallel: every layer sees float inputs (default: %(default)s)")
-    p.add_argument("--iters", type=_non_negative_int, default=ptq.PTQConfig.iters,
+    p.add_argument("--iters", type=non_negative_int, default=ptq.PTQConfig.iters,
                    help="AdaQuant Adam steps per layer (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=ptq.PTQConfig.batch_size,
                    help="mini-batch of AdaQuant and bias tuning (default: %(default)s)")
-    p.add_argument("--bias-iters", type=_non_negative_int, default=ptq.PTQConfig.bias_iters,
+    p.add_argument("--bias-iters", type=non_negative_int, default=ptq.PTQConfig.bias_iters,
                    help="bias tuning steps (default: %(default)s)")
     p.add_argument("--max-cache-mib", type=positive_int, default=ptq.PTQConfig.max_cache_bytes // 2**20,
                    help="largest AdaQuant cache of one layer's inputs and outputs, MiB (default: %(default)s)")

@@ -178,8 +178,8 @@ class _FixedGridFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.bounds = ((qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale)
-        return (x * (1.0 / scale)).add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        ctx.bounds = _grid_span(scale, zero_point, qmin, qmax)
+        return _to_grid(x, scale, zero_point, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -198,6 +198,16 @@ class _ClampSTE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         return _pass_between(grad, x, *ctx.bounds), None, None
+
+
+def _to_grid(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``(clamp(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale``, as PyTorch computes it."""
+    return (x * (1.0 / scale)).add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
+def _grid_span(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple[float, float]:
+    """The inputs that round into ``[qmin, qmax]``: where the straight-through gradient passes."""
+    return (qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale
 
 
 def _pass_between(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -231,9 +241,9 @@ class _LearnedGridFakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
         s = float(scale)
         zp = min(max(round(float(zero_point)), qmin), qmax)
-        out = (x * (1.0 / s)).add_(zp).round_().clamp_(qmin, qmax).sub_(zp).mul_(s)
+        out = _to_grid(x, s, zp, qmin, qmax)
         ctx.save_for_backward(x, out)   # both are kept alive anyway (by the layers around)
-        ctx.grid = (s, (qmin - zp - 0.5) * s, (qmax - zp + 0.5) * s, grad_factor)
+        ctx.grid = (s, *_grid_span(s, zp, qmin, qmax), grad_factor)
         return out
 
     @staticmethod

@@ -9,7 +9,6 @@ each atomically; so an interruption at any moment leaves the previous complete s
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, _atomic_write, write_json
+from ..checkpoint import CheckpointError, _atomic_write, read_tagged_json, write_json
 
 STATE_DIR = "state"
 STATE_JSON = "state.json"
@@ -114,13 +113,7 @@ def read_state_header(out_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ResumeError(f"there is no training state to resume in {out_dir} (no {path}); "
                           f"start the run without --resume, or with --overwrite to replace the directory")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResumeError(f"{path} is not valid JSON ({e}); the training state is corrupt") from e
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise ResumeError(f"{path} is not an anybit training state")
-    return data
+    return read_tagged_json(path, STATE_FORMAT, ResumeError, "an anybit training state", "training state")
 
 
 def load_state(out_dir: str | os.PathLike) -> tuple[int, dict]:
