@@ -79,6 +79,38 @@ def test_ip_matches_brute_force_cost_objective(seed):
         assert alloc.predicted_loss <= max_loss + 1e-9
 
 
+def _all_feasible(sens, cm, budget_abs):
+    out = []
+    for choice in itertools.product(range(len(sens.options)), repeat=len(sens.layers)):
+        if cm.total(choice) <= budget_abs:
+            out.append(float(sum(sens.delta[i, k] for i, k in enumerate(choice))))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_k_best_allocations_match_brute_force_ranking(seed):
+    sens, cm = _problem(300 + seed, n_layers=4)
+    budget_abs = 0.12 * cm.float_cost
+    ranked = _all_feasible(sens, cm, budget_abs)
+    best = mixed.allocate_best(sens, cm, 0.12, 6)
+    assert [a.predicted_loss for a in best] == pytest.approx(ranked[:6], abs=1e-7)
+    assert len({tuple(sorted(a.bit_map.items())) for a in best}) == 6  # all different
+    assert all(a.cost <= budget_abs for a in best)
+    assert best[0].bit_map == mixed.allocate(sens, cm, 0.12).bit_map
+
+
+def test_k_best_stops_when_every_allocation_is_listed():
+    sens, cm = _problem(5, n_layers=2, bits=(2, 4))
+    budget_abs = 0.2 * cm.float_cost
+    feasible = _all_feasible(sens, cm, budget_abs)
+    best = mixed.allocate_best(sens, cm, 0.2, 10)
+    assert len(best) == len(feasible) <= 4
+    assert [a.predicted_loss for a in best] == pytest.approx(feasible, abs=1e-7)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(mixed.MixedPrecisionError, match="count"):
+            mixed.allocate_best(sens, cm, 0.2, bad)
+
+
 def test_greedy_within_budget_and_never_better_than_ip():
     for seed in range(8):
         sens, cm = _problem(200 + seed, n_layers=6)
@@ -247,6 +279,33 @@ def test_multibit_sensitivity_allocation_and_bit_map(multibit, multibit_sens, tm
     bops = mixed.cost_model(model, [2, 4, 8], "bops", x[:1])
     alloc_b = mixed.allocate(sens, bops, 0.05)
     assert alloc_b.cost <= 0.05 * bops.float_cost and alloc_b.metric == "bops"
+
+
+def test_pick_measured_keeps_the_lowest_measured_loss(multibit, multibit_sens):
+    model, x, _ = multibit
+    cm = mixed.cost_model(model, [2, 4, 8], "size", x[:1])
+    candidates = mixed.allocate_best(multibit_sens, cm, 0.2, 4)
+    before = get_precision(model)
+    best = mixed.pick_measured(model, candidates, x, quiet=True)
+    assert get_precision(model) == before  # precision restored
+    # Each measured loss is the KL of the model at that allocation to its float outputs.
+    with torch.no_grad():
+        anybit.set_precision(model, 32)
+        target = torch.log_softmax(model.eval()(x), dim=-1)
+        for alloc in candidates:
+            anybit.set_precision(model, alloc.bit_map)
+            logq = torch.log_softmax(model(x), dim=-1)
+            kl = torch.nn.functional.kl_div(logq, target, log_target=True, reduction="sum").item() / x.shape[0]
+            assert alloc.measured_loss == pytest.approx(kl, rel=1e-5, abs=1e-9)
+    anybit.set_precision(model, before)
+    assert best.measured_loss == min(a.measured_loss for a in candidates)
+    assert [r["predicted_loss"] for r in best.ranking] == [a.predicted_loss for a in candidates]
+    assert sum(r["chosen"] for r in best.ranking) == 1
+    assert best.to_dict()["measured_loss"] == best.measured_loss
+    with pytest.raises(mixed.MixedPrecisionError, match="no candidate"):
+        mixed.pick_measured(model, [], x)
+    with pytest.raises(mixed.MixedPrecisionError, match="needs labels"):
+        mixed.pick_measured(model, candidates, x, loss="ce")
 
 
 def test_switchable_bn_model_is_refused():

@@ -75,6 +75,16 @@ def test_mixed_cli_end_to_end(multibit_run, tmp_path, capsys):
     assert record2["metrics"]["allocation"]["method"] == "greedy"
     assert (multibit_run / "mixed-cache").is_dir()
 
+    # --candidates: the integer program's best allocations measured, the lowest measured loss kept.
+    out3 = tmp_path / "out3"
+    assert main(["mixed", str(multibit_run), "--budget", "0.2", "--options", "2,4,8", "--calib-size", "32",
+                 "--candidates", "3", "--out", str(out3), "--batch-size", "32"]) == 0
+    assert "measured on the calibration data" in capsys.readouterr().out
+    alloc3 = json.loads((out3 / "run.json").read_text())["metrics"]["allocation"]
+    assert len(alloc3["ranking"]) == 3 and sum(r["chosen"] for r in alloc3["ranking"]) == 1
+    assert alloc3["measured_loss"] == min(r["measured_loss"] for r in alloc3["ranking"])
+    assert alloc3["relative_cost"] <= 0.2
+
 
 def test_mixed_cli_errors_exit_2(multibit_run, tmp_path, capsys):
     base = ["mixed", str(multibit_run), "--options", "2,4,8", "--calib-size", "16", "--quiet", "--batch-size", "16"]
@@ -88,6 +98,8 @@ def test_mixed_cli_errors_exit_2(multibit_run, tmp_path, capsys):
     assert main(base + ["--budget", "0.2", "--sweep", "0.3:0.1:0.1", "--out", str(tmp_path / "d")]) == 2
     assert main(["mixed", str(tmp_path / "nothing"), "--budget", "0.2", "--out", str(tmp_path / "e")]) == 2
     assert "no anybit checkpoint" in capsys.readouterr().err
+    assert main(base + ["--budget", "0.2", "--solver", "greedy", "--candidates", "3", "--out", str(tmp_path / "f")]) == 2
+    assert "--candidates" in capsys.readouterr().err
 
 
 def test_mixed_cli_float_checkpoint_uses_minmax_calibration(tmp_path):

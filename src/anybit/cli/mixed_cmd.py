@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-loss", type=float, help="largest predicted loss increase (with --objective cost)")
     p.add_argument("--solver", choices=("ip", "greedy"), default="ip",
                    help="integer program or the greedy baseline (default: %(default)s)")
+    p.add_argument("--candidates", type=positive_int, default=1, metavar="K",
+                   help="measure the integer program's K best allocations on the calibration data and keep the "
+                        "one with the lowest measured loss (one calibration pass each; --budget only) "
+                        "(default: %(default)s, the integer program's optimum)")
     p.add_argument("--loss", choices=("kl", "ce"), default="kl",
                    help="sensitivity loss: KL to the float model's outputs, or cross-entropy with labels "
                         "(default: %(default)s)")
@@ -87,6 +91,9 @@ def _validate(args: argparse.Namespace) -> dict:
         raise CLIError("--max-loss applies to --objective cost only")
     if args.solver == "greedy" and args.objective == "cost":
         raise CLIError("--solver greedy minimises the loss within --budget; use --solver ip with --objective cost")
+    if args.candidates > 1 and args.solver == "greedy":
+        raise CLIError("--candidates re-ranks the integer program's best allocations; it does not apply to "
+                       "--solver greedy")
     if args.cache and args.no_cache:
         raise CLIError("--cache and --no-cache contradict each other: choose one")
     sweep = mixed.parse_sweep(args.sweep) if args.sweep else []
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     recorder = RunRecorder(out, "mixed", {
         "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
         "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
-        "solver": args.solver, "loss": args.loss, "setup": args.setup, "calib_size": args.calib_size,
+        "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup, "calib_size": args.calib_size,
         "test_size": args.test_size, "dataset": name, "dataset_options": data_options,
         "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
 
@@ -201,9 +208,17 @@ def run(args: argparse.Namespace) -> int:
     if args.budget is not None or args.objective == "cost":
         with recorder.timed("solve"):
             if args.solver == "greedy":
-                alloc = mixed.allocate_greedy(sens, cost, args.budget)
+                candidates = [mixed.allocate_greedy(sens, cost, args.budget)]
             else:
-                alloc = mixed.allocate(sens, cost, args.budget, objective=args.objective, max_loss=args.max_loss)
+                candidates = mixed.allocate_best(sens, cost, args.budget, args.candidates, objective=args.objective,
+                                                 max_loss=args.max_loss)
+        alloc = candidates[0]
+        if len(candidates) > 1:
+            with recorder.timed("measure_candidates"):
+                alloc = mixed.pick_measured(model, candidates, batches, loss=args.loss, layer_setup=layer_setup,
+                                            batch_size=args.batch_size, quiet=args.quiet)
+            if not args.quiet:
+                print(_ranking_text(alloc))
         with recorder.timed("eval"):
             mixed.apply_allocation(model, alloc, layer_setup)
             result = _evaluate(model, test_loader, device, args.quiet, "eval allocation")
@@ -226,6 +241,13 @@ def run(args: argparse.Namespace) -> int:
     path = recorder.write()
     print(f"wrote {path}")
     return 0
+
+
+def _ranking_text(alloc: mixed.Allocation) -> str:
+    rows = [[r["rank"], f"{r['predicted_loss']:.4f}", f"{r['measured_loss']:.4f}", f"{r['relative_cost']:.2%}",
+             "<- kept" if r["chosen"] else ""] for r in alloc.ranking]
+    return ("the integer program's best allocations, measured on the calibration data:\n"
+            + format_table(["rank", "predicted ΔL", "measured loss", "size", ""], rows))
 
 
 def _sweep(args, model, sens, cost, layer_setup, loader, device, budgets, out: Path) -> dict:

@@ -23,18 +23,19 @@ from .errors import (
     InfeasibleLossError,
     MixedPrecisionError,
 )
+from .measured import pick_measured
 from .options import option_label, resolve_options
 from .pareto import draw_pareto, parse_sweep, pareto_markdown, plot_pareto, sweep, write_pareto
 from .pipeline import allocate_for_model, ptq_bit_allocator
 from .sensitivity import Sensitivity, sensitivity
 from .setup import LayerSetup, MinMaxSetup, needs_calibration
-from .solver import Allocation, allocate, allocate_greedy, check_budget, uniform_allocation
+from .solver import Allocation, allocate, allocate_best, allocate_greedy, check_budget, uniform_allocation
 
 __all__ = [
     "Allocation", "BitMapError", "BitMapNotFoundError", "CostModel", "InfeasibleBudgetError", "InfeasibleError",
     "InfeasibleLossError", "LayerSetup", "METRICS", "MinMaxSetup", "MixedPrecisionError", "Sensitivity",
-    "allocate", "allocate_for_model", "allocate_greedy", "apply_allocation", "bit_map_to_json",
+    "allocate", "allocate_best", "allocate_for_model", "allocate_greedy", "apply_allocation", "bit_map_to_json",
     "calibration_batches", "check_budget", "cost_model", "draw_pareto", "data_fingerprint", "load_bit_map", "model_fingerprint",
-    "needs_calibration", "option_label", "parse_sweep", "ptq_bit_allocator", "pareto_markdown", "plot_pareto", "prepare",
+    "needs_calibration", "option_label", "parse_sweep", "pick_measured", "ptq_bit_allocator", "pareto_markdown", "plot_pareto", "prepare",
     "resolve_options", "save_bit_map", "sensitivity", "sweep", "uniform_allocation", "write_pareto",
 ]

@@ -6,12 +6,15 @@ import hashlib
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..quant import FLOAT_BITS, precision
 from .errors import MixedPrecisionError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+LOSSES = ("kl", "ce")
 
 
 def calibration_batches(data, batch_size: int = 256, device: str | torch.device | None = None) -> list[Batch]:
@@ -104,3 +107,32 @@ def logits_of(output) -> torch.Tensor:
         f"the model returned {type(output).__name__}; expected logits (a tensor, an object with .logits, "
         f"or a tuple whose first element is the logits)"
     )
+
+
+@torch.no_grad()
+def float_targets(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+    """The float model's output log-probabilities on each batch: the targets of the KL loss."""
+    with precision(model, FLOAT_BITS):
+        return [F.log_softmax(logits_of(model(x)).float(), dim=-1) for x, _ in batches]
+
+
+@torch.no_grad()
+def dataset_loss(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], loss: str) -> float:
+    """Mean loss per sample of ``model`` as it is set now: ``"kl"`` to ``targets`` or ``"ce"`` to the labels."""
+    total, samples = 0.0, 0
+    for (x, y), t in zip(batches, targets):
+        logits = logits_of(model(x)).float()
+        if loss == "ce":
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+        else:
+            total += F.kl_div(F.log_softmax(logits, dim=-1), t, log_target=True, reduction="sum").item()
+        samples += x.shape[0]
+    return total / samples
+
+
+def check_loss(loss: str, batches: list[Batch]) -> None:
+    """A clear error unless ``loss`` is known and, for ``"ce"``, every batch has labels."""
+    if loss not in LOSSES:
+        raise MixedPrecisionError(f"loss={loss!r} is unknown: expected 'kl' (to the float outputs, no labels) or 'ce'")
+    if loss == "ce" and any(y is None for _, y in batches):
+        raise MixedPrecisionError("loss='ce' needs labels: give calibration data as (inputs, labels), or use loss='kl'")

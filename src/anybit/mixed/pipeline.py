@@ -14,7 +14,8 @@ from .cost import cost_model
 from .errors import MixedPrecisionError
 from .sensitivity import sensitivity
 from .setup import LayerSetup, MinMaxSetup
-from .solver import Allocation, allocate, allocate_greedy
+from .measured import pick_measured
+from .solver import Allocation, allocate_best, allocate_greedy
 
 
 def allocate_for_model(
@@ -29,6 +30,7 @@ def allocate_for_model(
     objective: str = "loss",
     max_loss: float | None = None,
     method: str = "ip",
+    candidates: int = 1,
     loss: str = "kl",
     example_input: torch.Tensor | None = None,
     cache_path: str | os.PathLike | None = None,
@@ -41,10 +43,14 @@ def allocate_for_model(
 
     ``budget`` is a fraction of the float model's weight bits (``metric="size"``) or BOPs
     (``metric="bops"``). ``method="greedy"`` uses the greedy baseline instead of the integer program.
+    ``candidates > 1``: the integer program's best ``candidates`` allocations are measured on
+    ``calib_data`` and the one with the lowest measured loss is kept (:func:`pick_measured`).
     ``example_input`` (for counting MACs) defaults to the first calibration sample.
     """
     if method not in ("ip", "greedy"):
         raise MixedPrecisionError(f"method={method!r} is unknown: expected 'ip' (integer program) or 'greedy'")
+    if method == "greedy" and candidates > 1:
+        raise MixedPrecisionError("candidates re-ranks the integer program's best allocations; not with method='greedy'")
     if method == "greedy" and objective != "loss":
         raise MixedPrecisionError("the greedy baseline only minimises the loss within a budget (objective='loss')")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -57,7 +63,9 @@ def allocate_for_model(
     if method == "greedy":
         alloc = allocate_greedy(sens, cost, budget)
     else:
-        alloc = allocate(sens, cost, budget, objective=objective, max_loss=max_loss)
+        best = allocate_best(sens, cost, budget, candidates, objective=objective, max_loss=max_loss)
+        alloc = best[0] if len(best) == 1 else pick_measured(model, best, batches, loss=loss, layer_setup=layer_setup,
+                                                             batch_size=batch_size, quiet=quiet)
     if apply:
         apply_allocation(model, alloc, layer_setup)
     return alloc

@@ -20,20 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import write_json
 from ..progress import progress
-from ..quant import FLOAT_BITS, check_bits, get_precision, precision, quant_layers, set_precision
-from .calib import Batch, calibration_batches, data_fingerprint, logits_of, model_fingerprint
+from ..quant import FLOAT_BITS, check_bits, get_precision, quant_layers, set_precision
+from .calib import calibration_batches, check_loss, data_fingerprint, dataset_loss, float_targets, model_fingerprint
 from .errors import MixedPrecisionError
 from .options import Option, option_label, resolve_options
 from .setup import LayerSetup
 
 CACHE_FORMAT = "anybit-sensitivity"
 CACHE_VERSION = 1
-LOSSES = ("kl", "ce")
 
 
 @dataclass
@@ -82,28 +80,6 @@ class Sensitivity:
 
     def headers(self) -> list[str]:
         return ["layer", *(f"ΔL@{option_label(o)}" for o in self.options)]
-
-
-def _batch_loss(logits: torch.Tensor, target_logp: torch.Tensor, labels: torch.Tensor | None, loss: str) -> float:
-    if loss == "ce":
-        return F.cross_entropy(logits.float(), labels, reduction="sum").item()
-    logq = F.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(logq, target_logp, log_target=True, reduction="sum").item()
-
-
-@torch.no_grad()
-def _dataset_loss(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], loss: str, samples: int) -> float:
-    total = 0.0
-    for (x, y), t in zip(batches, targets):
-        total += _batch_loss(logits_of(model(x)), t, y, loss)
-    return total / samples
-
-
-def _check_settings(loss: str, batches: list[Batch]) -> None:
-    if loss not in LOSSES:
-        raise MixedPrecisionError(f"loss={loss!r} is unknown: expected 'kl' (to the float outputs, no labels) or 'ce'")
-    if loss == "ce" and any(y is None for _, y in batches):
-        raise MixedPrecisionError("loss='ce' needs labels: give calibration data as (inputs, labels), or use loss='kl'")
 
 
 def _setup_key(layer_setup: LayerSetup | None) -> str | None:
@@ -169,7 +145,7 @@ def sensitivity(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = calibration_batches(calib_data, batch_size, device)
-    _check_settings(loss, batches)
+    check_loss(loss, batches)
     samples = sum(x.shape[0] for x, _ in batches)
     pinned = {n: tuple(m.pinned) for n, m in layers.items() if m.pinned is not None}
     free = [n for n in layers if n not in pinned]
@@ -201,15 +177,14 @@ def sensitivity(
     ref_map = {n: (ref, ref) for n in free} | pinned
     delta = np.zeros((len(free), len(opts)))
     try:
-        with torch.no_grad(), precision(model, FLOAT_BITS):
-            targets = [F.log_softmax(logits_of(model(x)).float(), dim=-1) for x, _ in batches]
+        targets = float_targets(model, batches)
         if layer_setup is not None:
             set_precision(model, ref_map)
             for name, pair in pinned.items():
                 if pair != (FLOAT_BITS, FLOAT_BITS):
                     layer_setup(model, name, *pair)
         set_precision(model, ref_map)
-        ref_loss = _dataset_loss(model, batches, targets, loss, samples)
+        ref_loss = dataset_loss(model, batches, targets, loss)
         if not math.isfinite(ref_loss):
             raise MixedPrecisionError(f"the reference loss is {ref_loss}: the model's outputs are not finite")
         cells = [(i, k) for i in range(len(free)) for k in range(len(opts))]
@@ -219,7 +194,7 @@ def sensitivity(
                 layer_setup(model, name, *option)
                 set_precision(model, ref_map)
             set_precision(model, {name: option})
-            delta[i, k] = _dataset_loss(model, batches, targets, loss, samples) - ref_loss
+            delta[i, k] = dataset_loss(model, batches, targets, loss) - ref_loss
             set_precision(model, {name: ref_map[name]})
     finally:
         set_precision(model, saved)

@@ -31,6 +31,8 @@ class Allocation:
     ``bit_map`` holds every quantizable layer, pinned ones at their pins, ready for
     ``anybit.set_precision(model, allocation.bit_map)``. ``predicted_loss`` is ``Σ ΔL`` of the
     choices (additive model of the sensitivities), ``cost`` the exact total in ``unit``.
+    ``measured_loss`` (the loss with every layer at its choice, on the calibration data) and
+    ``ranking`` (the candidates it was picked from) are set by :func:`anybit.mixed.pick_measured`.
     """
 
     bit_map: dict[str, Option]
@@ -46,6 +48,8 @@ class Allocation:
     max_loss: float | None = None
     seconds: float = 0.0
     choices: dict[str, Option] = field(default_factory=dict)
+    measured_loss: float | None = None
+    ranking: list[dict] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """How many free layers run at each option, e.g. ``{"2": 3, "4": 10, "8": 5}``."""
@@ -62,7 +66,8 @@ class Allocation:
             "method": self.method, "objective": self.objective, "metric": self.metric, "unit": self.unit,
             "budget": self.budget, "relative_budget": self.relative_budget, "max_loss": self.max_loss,
             "cost": self.cost, "relative_cost": self.relative_cost, "predicted_loss": self.predicted_loss,
-            "seconds": self.seconds, "counts": self.counts(), "bit_map": self.bit_map_json(),
+            "seconds": self.seconds, "counts": self.counts(), "measured_loss": self.measured_loss,
+            "ranking": self.ranking, "bit_map": self.bit_map_json(),
         }
 
 
@@ -154,7 +159,31 @@ def allocate(
     at most ``max_loss`` (and within ``budget`` if one is given). Raises
     :class:`InfeasibleBudgetError` / :class:`InfeasibleLossError` naming the smallest feasible value.
     """
+    return allocate_best(sensitivity, cost, budget, 1, objective=objective, max_loss=max_loss, absolute=absolute,
+                         time_limit=time_limit)[0]
+
+
+def allocate_best(
+    sensitivity: Sensitivity,
+    cost: CostModel,
+    budget: float | None = None,
+    count: int = 5,
+    *,
+    objective: str = "loss",
+    max_loss: float | None = None,
+    absolute: bool = False,
+    time_limit: float | None = None,
+) -> list[Allocation]:
+    """The integer program's ``count`` best allocations, best first (fewer if fewer are feasible).
+
+    Each one is the optimum with the earlier ones excluded (a no-good cut per earlier solution), so
+    the list is the exact top of the ranking by the objective. Used to re-rank near-optimal
+    allocations by their measured loss (:func:`anybit.mixed.pick_measured`), since the additive model
+    ``Σ ΔL`` ignores how layers interact. Arguments as for :func:`allocate`.
+    """
     _check_pair(sensitivity, cost)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise MixedPrecisionError(f"count={count!r} must be a positive integer (the number of allocations wanted)")
     if objective not in OBJECTIVES:
         raise MixedPrecisionError(f"objective={objective!r} is unknown: expected 'loss' (within a budget) or 'cost' "
                                   f"(within max_loss)")
@@ -173,7 +202,6 @@ def allocate(
                 f"max_loss={max_loss:.6g} cannot be met: even with every layer at its least sensitive option the "
                 f"predicted loss increase is {least:.6g}; the smallest feasible max_loss is {least:.6g}", least)
 
-    start = time.perf_counter()
     n_layers, n_opts = delta.shape
     n = n_layers * n_opts
     # Costs relative to the float model and losses shifted per layer (a constant under the one-hot
@@ -191,27 +219,47 @@ def allocate(
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
 
+    found: list[Allocation] = []
+    while len(found) < count:
+        start = time.perf_counter()
+        choice = _solve(c, constraints, options, cost, rel_cost, budget_abs, first=not found)
+        if choice is None:
+            break
+        found.append(_allocation(sensitivity, cost, choice, "ip", objective, budget_abs, max_loss,
+                                 time.perf_counter() - start))
+        # No-good cut: at most n_layers - 1 of this solution's choices may be repeated.
+        row = np.zeros(n)
+        row[[i * n_opts + k for i, k in enumerate(choice)]] = 1.0
+        constraints.append(LinearConstraint(csr_matrix(row[None, :]), -np.inf, n_layers - 1))
+    return found
+
+
+def _solve(c, constraints, options, cost: CostModel, rel_cost, budget_abs: float | None,
+           first: bool) -> list[int] | None:
+    """One ``milp`` solve (re-solved with a tighter budget while HiGHS's tolerance lets it overshoot);
+    the chosen option per layer, or ``None`` when no further solution exists (not for the first)."""
+    n_layers, n_opts = rel_cost.shape
     slack = 0.0
     for _ in range(4):
         cons = list(constraints)
         if budget_abs is not None:
             rhs = (budget_abs - cost.fixed) / cost.float_cost - slack
             cons.append(LinearConstraint(csr_matrix(rel_cost.ravel()[None, :]), -np.inf, rhs))
-        result = milp(c, integrality=np.ones(n), bounds=(0, 1), constraints=cons, options=options)
+        result = milp(c, integrality=np.ones(c.size), bounds=(0, 1), constraints=cons, options=options)
         if result.x is None:
+            if not first and result.status == 2:      # infeasible: every allocation is excluded
+                return None
             raise MixedPrecisionError(f"the integer program solver failed: {result.message}")
         if result.status != 0:
             warnings.warn(f"the integer program solver stopped early ({result.message}); the allocation is "
-                          f"feasible but may not be optimal", stacklevel=2)
+                          f"feasible but may not be optimal", stacklevel=3)
         choice = [int(k) for k in np.argmax(result.x.reshape(n_layers, n_opts), axis=1)]
         total = cost.total(choice)
         if budget_abs is None or total <= budget_abs:
-            break
+            return choice
         # HiGHS met the budget within its feasibility tolerance only: tighten and solve again.
         slack += (total - budget_abs) / cost.float_cost + 1e-9
-    else:
-        raise MixedPrecisionError(f"the solver kept exceeding the budget {budget_abs:,.0f} {cost.unit}")
-    return _allocation(sensitivity, cost, choice, "ip", objective, budget_abs, max_loss, time.perf_counter() - start)
+    raise MixedPrecisionError(f"the solver kept exceeding the budget {budget_abs:,.0f} {cost.unit}")
 
 
 def allocate_greedy(sensitivity: Sensitivity, cost: CostModel, budget: float, *, absolute: bool = False) -> Allocation:
