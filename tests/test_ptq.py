@@ -348,3 +348,14 @@ def test_quantize_rejects_bad_inputs_before_work(net, calib):
         ptq.quantize(net, calib, num_samples=1000)
     with pytest.raises(ptq.PTQError, match="must start with a range stage"):
         ptq.quantize(net, calib, pipeline=["adaquant"])
+
+
+def test_emqnet_model_with_clipped_float_inputs_is_refused():
+    """emqnet clips layer inputs at 32 bits too; plain float layers cannot, so PTQ refuses clearly."""
+    from anybit.train.methods import METHODS
+
+    model = anybit.convert(anybit.models.create("resnet20", width=0.25), METHODS["emqnet"].quant_spec((2, 4, 32), 32))
+    with pytest.raises(ptq.PTQError, match="clips the inputs"):
+        ptq.float_copy(model)
+    dedicated = anybit.convert(anybit.models.create("resnet20", width=0.25), METHODS["dedicated"].quant_spec((2, 4, 32), 32))
+    assert not any(isinstance(m, anybit.quant.QuantConv2d) for m in ptq.float_copy(dedicated).modules())

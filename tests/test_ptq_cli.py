@@ -64,6 +64,10 @@ def test_pipelines_end_to_end(checkpoint, tmp_path, capsys, pipeline, mode):
         acc = anybit.evaluation.evaluate(loaded, anybit.data.make_loader(
             anybit.data.load("synthetic", "test", **DATA["options"]), 256, shuffle=False), quiet=True)["accuracy"]
     assert acc == pytest.approx(run["metrics"]["quantized"]["accuracy"])
+    # anybit eval on the PTQ output runs it at the precision it was calibrated at.
+    assert main(["eval", str(out), "--quiet", "--batch-size", "256"]) == 0
+    evaluated = json.loads((out / "eval" / "run.json").read_text())["metrics"]["bit_map"]
+    assert evaluated["accuracy"] == pytest.approx(run["metrics"]["quantized"]["accuracy"])
 
 
 def test_converted_multibit_checkpoint_is_used_at_32_bits(tmp_path, capsys):
@@ -118,4 +122,46 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", *FAST]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite replaces only what anybit wrote: not a directory of the user's own files.
+    assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", "--overwrite", *FAST]) == 2
+    assert "not an anybit output directory" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", *FAST]) == 0
     assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "rtn", "--overwrite", *FAST]) == 0
+    first = (out / "run.json").read_text()
+    # A failed --overwrite run puts the previous output back, with nothing half-written.
+    assert main(["ptq", str(checkpoint), "--out", str(out), "--pipeline", "light", "--budget", "0.01",
+                 "--overwrite", *FAST]) == 2
+    assert "smallest feasible budget" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A failed run into a new directory leaves no directory behind.
+    assert main(["ptq", str(checkpoint), "--out", str(tmp_path / "new"), "--pipeline", "light", "--budget", "0.01",
+                 *FAST]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_refuses_the_current_directory(checkpoint, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        assert main(["ptq", str(checkpoint), "--out", out, "--pipeline", "rtn", "--overwrite", *FAST]) == 2
+        assert "current directory" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_budget_run_is_labelled_mixed_and_evaluates_at_its_allocation(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["ptq", str(checkpoint), "--pipeline", "light", "--budget", "0.2", "--out", str(out), *FAST]) == 0
+    assert "mixed, 20% of float size" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    saved = anybit.read_metadata(out)["metadata"]["ptq"]["precision"]
+    assert len(saved) == 22  # every layer's precision is recorded
+    assert main(["eval", str(out), "--quiet", "--batch-size", "256"]) == 0
+    evaluated = json.loads((out / "eval" / "run.json").read_text())["metrics"]["bit_map"]
+    assert evaluated["accuracy"] == pytest.approx(run["metrics"]["quantized"]["accuracy"])
+    assert main(["eval", str(out), "--bits", "4", "--bit-map", str(out / "x.json"), "--quiet"]) == 2
+    assert "contradict" in capsys.readouterr().err

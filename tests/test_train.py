@@ -274,3 +274,24 @@ def test_epoch_line_reports_test_accuracy_or_loss():
     assert epoch_line(record, 5) == "epoch 2/5 (13 s) test top-1: 32b 81.2%, 4b 79.0%"
     record = {"epoch": 1, "seconds": {"train": 3.0}, "bits": {"32": {"loss": 0.5}}}
     assert epoch_line(record, 5) == "epoch 1/5 (3 s) train: 32b loss 0.500"
+
+
+class _TupleOutput(nn.Module):
+    """Returns (logits, features), or {"logits": ..., "features": ...} with ``as_dict``."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.as_dict = small_net(), as_dict
+
+    def forward(self, x):
+        logits = self.body(x)
+        return {"logits": logits, "features": x.mean()} if self.as_dict else (logits, x.mean())
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_models_returning_a_tuple_or_dict_train_and_evaluate(datasets, as_dict):
+    train, test = datasets
+    torch.manual_seed(0)
+    config = TrainConfig(bits=(2, 32), method="emqnet", epochs=1, batch_size=64, coreset_fraction=1.0)
+    result = MultiBitTrainer(_TupleOutput(as_dict), train, test, config, quiet=True).fit()
+    assert all(0 <= m["test_acc"] <= 100 for m in result["final"].values())

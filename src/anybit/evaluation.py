@@ -13,6 +13,26 @@ from .progress import progress
 from .quant import precision
 
 
+class ModelOutputError(ValueError):
+    """A model's output holds no logits anybit can find."""
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits`` (Hugging Face), the ``"logits"``
+    entry of a dict, or the first element of a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelOutputError(
+        f"the model returned {type(output).__name__}; expected logits: a tensor, an object with .logits, a dict "
+        f"with a 'logits' entry, or a tuple whose first element is the logits"
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
              desc: str = "eval", quiet: bool = False) -> dict:
@@ -24,7 +44,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     try:
         for images, labels in progress(loader, desc=desc, quiet=quiet):
             images, labels = images.to(device), labels.to(device)
-            logits = model(images)
+            logits = logits_of(model(images))
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             total += labels.numel()

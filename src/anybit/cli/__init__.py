@@ -8,8 +8,10 @@ import sys
 import traceback
 
 import anybit
+from anybit.quant.quantizers import RangeNotCalibratedError
 
 from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
+from .common import close_out_dirs
 
 SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd]
 
@@ -35,12 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or bool(os.environ.get("ANYBIT_DEBUG"))
+    succeeded = False
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        succeeded = status == 0
+        return status
     except KeyboardInterrupt:
         print("anybit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RangeNotCalibratedError) as e:
         if debug:
             traceback.print_exc()
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anybit {args.command}: internal error: {type(e).__name__}: {e} "
               f"(re-run with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+    finally:
+        close_out_dirs(succeeded)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,20 +72,73 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+OUTPUT_MARKER = ".anybit-output"   # written into every output directory: what --overwrite may replace
+
+
+@dataclass
+class _OpenOutput:
+    path: Path
+    made_here: bool            # the directory did not exist (or was replaced) before this command
+    replaced: Path | None      # the previous contents, moved aside until the command succeeds
+
+
+_OPEN_OUTPUTS: list[_OpenOutput] = []
+
+
 def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = False,
                     can_resume: bool = False) -> Path:
-    """Create the output directory; refuse to reuse a non-empty one unless told to (overwrite/resume)."""
+    """Create the output directory; refuse to reuse a non-empty one unless told to (overwrite/resume).
+
+    ``--overwrite`` replaces only a directory anybit wrote (it holds the output marker or a run.json),
+    never the current directory, one of its parents or the home directory, and only once the command
+    succeeds: until then the old contents are kept aside, and they come back if it fails
+    (:func:`close_out_dirs`).
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
+        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
     if overwrite and resume:
         raise CLIError("--overwrite and --resume contradict each other: choose one")
+    made_here, replaced = not out.exists(), None
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise CLIError(
                 f"output directory {out} already exists and is not empty; pass --overwrite to replace it"
                 + (" or --resume to continue it" if can_resume else "")
             )
-        shutil.rmtree(out)
+        _check_replaceable(out)
+        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        out.rename(replaced)
+        made_here = True
     out.mkdir(parents=True, exist_ok=True)
+    if made_here or not any(out.iterdir()):
+        (out / OUTPUT_MARKER).write_text("written by anybit; --overwrite may replace this directory\n")
+    _OPEN_OUTPUTS.append(_OpenOutput(out, made_here, replaced))
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise CLIError(f"--out {out} is the current directory, one of its parents or the home directory; "
+                       f"--overwrite would delete it. Give a directory of its own for --out")
+    if not ((out / OUTPUT_MARKER).is_file() or (out / "run.json").is_file()):
+        entries = sorted(p.name for p in out.iterdir())
+        raise CLIError(f"--out {out} is not empty and is not an anybit output directory (it holds "
+                       f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); --overwrite replaces only "
+                       f"directories anybit wrote. Choose another --out, or empty it yourself")
+
+
+def close_out_dirs(succeeded: bool) -> None:
+    """After a command: drop replaced contents when it succeeded. When it failed, remove the partial
+    output and put the replaced contents back, unless the output holds a training state that
+    ``--resume`` can continue (then it is kept, and what it replaced is dropped)."""
+    while _OPEN_OUTPUTS:
+        o = _OPEN_OUTPUTS.pop()
+        keep = succeeded or (o.path / "state").is_dir() or not o.made_here
+        if not keep:
+            shutil.rmtree(o.path, ignore_errors=True)
+            if o.replaced is not None:
+                o.replaced.rename(o.path)
+        elif o.replaced is not None:
+            shutil.rmtree(o.replaced, ignore_errors=True)

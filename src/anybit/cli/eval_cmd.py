@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
                     "the shared statistics at each bit-width before evaluating it (the checkpoint is not changed).",
     )
     p.add_argument("checkpoint", help="run directory or checkpoint path")
-    p.add_argument("--bits", default="1-8,32", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: %(default)s)")
+    p.add_argument("--bits", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: 1-8,32; for a checkpoint "
+                                  "written by anybit ptq, the precision it was calibrated at)")
     add_data_args(p)
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, repeatable (default: the options recorded at training)")
@@ -67,9 +68,14 @@ def switchable_bn_bits(meta: dict) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bit_map and args.bits is not None:
+        raise CLIError("--bit-map and --bits contradict each other: a bit map sets every layer's precision; "
+                       "give one of them")
     if args.bit_map:
         return run_bit_map(args)
-    bits = parse_bit_list(args.bits)
+    if args.bits is None and anybit.read_metadata(args.checkpoint).get("metadata", {}).get("ptq"):
+        return run_bit_map(args)          # a PTQ checkpoint: at the precision it was calibrated at
+    bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     meta = anybit.read_metadata(args.checkpoint)
@@ -158,24 +164,36 @@ def run_bit_map(args: argparse.Namespace) -> int:
         raise CLIError("a dedicated run holds one model per bit-width; a per-layer bit map needs one shared model")
     name, options = dataset_from_metadata(args, meta)
     model = anybit.load(args.checkpoint).to(device)
-    bit_map = mixed.load_bit_map(args.bit_map, model)
+    if args.bit_map:
+        bit_map, label = mixed.load_bit_map(args.bit_map, model), Path(args.bit_map).name
+    else:
+        bit_map, label = _ptq_precision(meta), "as calibrated (anybit ptq)"
     anybit.set_precision(model, bit_map)
     test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
     if args.test_subset and args.test_subset < len(test_set):
         test_set = test_set.subset(args.test_subset, seed=args.seed)
     _check_fits(model, test_set)
     out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
-    recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": str(args.bit_map),
+    recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": args.bit_map or label,
                                          "dataset": name, "options": options, "device": str(device)})
     loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
     with recorder.timed("eval"):
         result = evaluate(model, loader, device, desc="eval bit map", quiet=args.quiet)
     recorder.data["metrics"] = {"bit_map": result}
     path = recorder.write()
-    print(format_table(["precision", "top-1 %", "loss"], [[Path(args.bit_map).name, result["accuracy"],
-                                                            f"{result['loss']:.4f}"]]))
+    print(format_table(["precision", "top-1 %", "loss"], [[label, result["accuracy"], f"{result['loss']:.4f}"]]))
     print(f"wrote {path}")
     return 0
+
+
+def _ptq_precision(meta: dict) -> dict:
+    info = meta["metadata"]["ptq"]
+    if "precision" in info:
+        return {name: tuple(pair) for name, pair in info["precision"].items()}
+    if info.get("budget") is not None:
+        raise CLIError("this PTQ checkpoint was calibrated at a per-layer allocation that it does not record "
+                       "(written by an older anybit); evaluate it with --bit-map BITMAP.json")
+    return (info["w_bits"], info["a_bits"])
 
 
 def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:

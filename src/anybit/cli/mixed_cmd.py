@@ -119,6 +119,18 @@ def _cache_path(args: argparse.Namespace, options, dataset: str, setup_name: str
     return folder / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
+def _check_allocatable(meta: dict, run) -> None:
+    """A training run whose one model was never trained at a quantized bit-width has no per-layer
+    precisions to choose from (its quantized members are untrained): post-training quantization is the way."""
+    info = meta.get("metadata", {})
+    trained = info.get("bits_trained")
+    if info.get("method") == "dedicated" or (trained and all(b >= 32 for b in trained)):
+        what = ("a dedicated run (one model per bit-width, each trained at one)" if info.get("method") == "dedicated"
+                else "a run trained at 32 bits only")
+        raise CLIError(f"{run} is {what}: its network was never trained to run at mixed bit-widths. Quantize it "
+                       f"after training with a budget instead: anybit ptq {run} --pipeline light --budget F --out OUT")
+
+
 def _load_model(args: argparse.Namespace, device):
     model = anybit.load(args.run).to(device).eval()
     converted_here = False
@@ -149,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     meta = anybit.read_metadata(args.run)
+    _check_allocatable(meta, args.run)
     name, data_options = dataset_from_metadata(args, meta)
     out = prepare_out_dir(args.out, args.overwrite)
     recorder = RunRecorder(out, "mixed", {

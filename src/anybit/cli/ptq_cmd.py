@@ -10,7 +10,7 @@ import anybit
 from anybit import data as anydata
 from anybit import ptq
 from anybit.evaluation import evaluate
-from anybit.quant import check_bits
+from anybit.quant import check_bits, get_precision
 from anybit.report import RunRecorder, format_table
 
 from .common import (
@@ -151,11 +151,15 @@ def run(args: argparse.Namespace) -> int:
         float_result = evaluate(ptq.float_copy(model), loader, device, desc="eval float", quiet=args.quiet)
         quant_result = evaluate(qmodel, loader, device, desc="eval quantized", quiet=args.quiet)
 
-    label = f"W{config.w_bits}A{config.a_bits}" + ("" if config.keep_first_last is None
-                                                   else f" (first/last {config.keep_first_last})")
+    if args.budget is not None:
+        label = f"mixed, {args.budget:.0%} of float {args.metric}"
+    else:
+        label = f"W{config.w_bits}A{config.a_bits}" + ("" if config.keep_first_last is None
+                                                       else f" (first/last {config.keep_first_last})")
     ptq_meta = {"pipeline": report.pipeline, "w_bits": config.w_bits, "a_bits": config.a_bits,
                 "keep_first_last": config.keep_first_last, "adaquant_mode": config.adaquant_mode,
-                "calib_size": args.calib_size, "source": str(args.checkpoint), "budget": args.budget}
+                "calib_size": args.calib_size, "source": str(args.checkpoint), "budget": args.budget,
+                "precision": {n: list(p) for n, p in get_precision(qmodel).items()}}
     path = anybit.save(qmodel, out / "model", data={"dataset": name, "options": data_options}, ptq=ptq_meta,
                        test_accuracy=quant_result["accuracy"])
     recorder.data["metrics"] = {

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..evaluation import logits_of
 from ..quant import FLOAT_BITS, precision
 from .errors import MixedPrecisionError
 
@@ -92,21 +93,6 @@ def data_fingerprint(batches: list[Batch]) -> str:
         if y is not None:
             _hash_tensor(h, y)
     return h.hexdigest()
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits in a model's output: the tensor itself, ``.logits`` (Hugging Face) or the first element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise MixedPrecisionError(
-        f"the model returned {type(output).__name__}; expected logits (a tensor, an object with .logits, "
-        f"or a tuple whose first element is the logits)"
-    )
 
 
 @torch.no_grad()

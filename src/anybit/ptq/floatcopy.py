@@ -66,7 +66,18 @@ def float_copy(model: nn.Module) -> nn.Module:
 
     Quantizable layers become ``nn.Conv2d``/``nn.Linear``/``nn.MultiheadAttention`` with the same
     weights; switchable BatchNorms become their 32-bit BatchNorm. A float model is simply copied.
+    A model whose layers clip their inputs at 32 bits (emqnet) is refused with :class:`PTQError`.
     """
+    clipped = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)
+               and m.pinned is None and getattr(m.input_quant, "clip_float", False)]
+    if clipped:
+        raise PTQError(
+            f"this model clips the inputs of {len(clipped)} layers (e.g. {clipped[0]}) to the activation range even "
+            f"at 32 bits (it was trained with emqnet, QuantSpec(act_clip_float=True)), and plain float layers "
+            f"cannot reproduce that, so post-training quantization would start from a different network. A "
+            f"multi-bit model needs no calibration: evaluate it with anybit eval RUN --bits ..., or allocate "
+            f"bits per layer with anybit mixed RUN --budget ..."
+        )
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANT_LAYER_TYPES):

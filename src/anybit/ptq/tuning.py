@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..evaluation import logits_of
 from ..progress import progress
 from ..quant import QUANT_LAYER_TYPES, FLOAT_BITS, precision, quant_layers
 from .calibdata import CalibData, batches, calibration_tensor
@@ -25,17 +26,6 @@ from .errors import PTQError
 DEFAULT_BIAS_ITERS = 100
 DEFAULT_BIAS_BATCH_SIZE = 50
 DEFAULT_BIAS_LR = 1e-3
-
-
-def _logits(out) -> torch.Tensor:
-    """Logits from a model's output: a tensor, the first element of a tuple, or ``.logits``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise PTQError(f"the model returned a {type(out).__name__}; bias tuning needs logits (a tensor)")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -122,7 +112,7 @@ def float_logits(float_model: nn.Module, calib: torch.Tensor, device=None) -> to
     float_model.eval()
     try:
         with precision(float_model, FLOAT_BITS) if quant_layers(float_model) else contextlib.nullcontext():
-            return torch.cat([_logits(float_model(x.to(device))).float().cpu() for x in batches(calib, 256)])
+            return torch.cat([logits_of(float_model(x.to(device))).float().cpu() for x in batches(calib, 256)])
     finally:
         float_model.train(was_training)
 
@@ -137,7 +127,7 @@ def logits_kl(model: nn.Module, targets: torch.Tensor, calib: torch.Tensor, devi
     total = 0.0
     try:
         for start in range(0, calib.shape[0], 256):
-            logits = _logits(model(calib[start:start + 256].to(device)))
+            logits = logits_of(model(calib[start:start + 256].to(device)))
             total += float(_kl_loss(logits, targets[start:start + 256].to(device), temperature, "sum"))
     finally:
         model.train(was_training)
@@ -202,7 +192,7 @@ def bias_tuning(model: nn.Module, float_model: nn.Module, calib_data: CalibData,
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx = order[cursor:cursor + batch_size]
             cursor += batch_size
-            loss = _kl_loss(_logits(model(calib[idx].to(device))), targets[idx].to(device), temperature, "mean")
+            loss = _kl_loss(logits_of(model(calib[idx].to(device))), targets[idx].to(device), temperature, "mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

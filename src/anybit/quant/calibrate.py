@@ -18,7 +18,10 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     over ``data`` (batches of ``(x, y)`` or ``x``); returns the number of layers calibrated.
 
     Layers run in float while observing; switchable BatchNorms stay at the model's current precision.
+    A single tensor is taken as one batch of inputs.
     """
+    if isinstance(data, torch.Tensor):
+        data = [data]
     layers = quant_layers(model)
     lows: dict[str, torch.Tensor] = {}
     highs: dict[str, torch.Tensor] = {}

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..evaluation import logits_of
+
 SCORE_NAMES = ("el2n", "grand", "entropy", "forgetting", "random")
 
 
@@ -191,7 +193,7 @@ def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, de
             for b in bits:
                 t0 = time.perf_counter()
                 with precision(model, b):
-                    logits = model(images)
+                    logits = logits_of(model(images))
                 feats = capture.value if capture is not None else None
                 values = _batch_scores(score, logits, labels, feats,
                                        has_bias=capture is not None and capture.layer.bias is not None)

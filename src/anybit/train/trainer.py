@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save
-from ..evaluation import evaluate
+from ..evaluation import evaluate, logits_of
 from ..progress import progress
 from ..quant import precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
@@ -183,7 +183,7 @@ class MultiBitTrainer:
                 model = self.models.for_bits(b)
                 set_precision(model, b)
                 images, labels = batch[b]
-                logits = model(images)
+                logits = logits_of(model(images))
                 # 3. loss: labels at the top precision, the teacher's soft labels below it
                 teacher = self._teacher_logits(b, batch, logits_at, stats)
                 loss = self.distill.loss(logits, labels, teacher)
@@ -219,7 +219,7 @@ class MultiBitTrainer:
         images = batch[b][0]
         with torch.no_grad(), _frozen_bn_stats(self._batchnorms):
             set_precision(model, t)
-            logits = model(images)
+            logits = logits_of(model(images))
         set_precision(self.models.for_bits(b), b)
         stats.add_teacher(b, images.shape[0])
         return logits
