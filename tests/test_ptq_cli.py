@@ -158,7 +158,7 @@ def test_budget_run_is_labelled_mixed_and_evaluates_at_its_allocation(checkpoint
     assert main(["ptq", str(checkpoint), "--pipeline", "light", "--budget", "0.2", "--out", str(out), *FAST]) == 0
     assert "mixed, 20% of float size" in capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
-    saved = anybit.read_metadata(out)["metadata"]["ptq"]["precision"]
+    saved = anybit.read_metadata(out)["precision"]
     assert len(saved) == 22  # every layer's precision is recorded
     assert main(["eval", str(out), "--quiet", "--batch-size", "256"]) == 0
     evaluated = json.loads((out / "eval" / "run.json").read_text())["metrics"]["bit_map"]

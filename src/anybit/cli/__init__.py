@@ -8,7 +8,6 @@ import sys
 import traceback
 
 import anybit
-from anybit.quant.quantizers import RangeNotCalibratedError
 
 from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
 from .common import close_out_dirs
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anybit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError, RangeNotCalibratedError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:
         if debug:
             traceback.print_exc()
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

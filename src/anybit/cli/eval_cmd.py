@@ -71,14 +71,13 @@ def run(args: argparse.Namespace) -> int:
     if args.bit_map and args.bits is not None:
         raise CLIError("--bit-map and --bits contradict each other: a bit map sets every layer's precision; "
                        "give one of them")
-    if args.bit_map:
-        return run_bit_map(args)
-    if args.bits is None and anybit.read_metadata(args.checkpoint).get("metadata", {}).get("ptq"):
-        return run_bit_map(args)          # a PTQ checkpoint: at the precision it was calibrated at
-    bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)
+    bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
+    meta = anybit.read_metadata(args.checkpoint)
+    if args.bit_map or (args.bits is None and meta.get("metadata", {}).get("ptq")):
+        # a PTQ checkpoint is loaded at the precision it was calibrated at (the checkpoint stores it)
+        return run_bit_map(args, meta)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    meta = anybit.read_metadata(args.checkpoint)
     info = meta.get("metadata", {})
     trained = sorted(info.get("bits_trained") or [])
     bn_bits = switchable_bn_bits(meta)
@@ -153,22 +152,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bit_map(args: argparse.Namespace) -> int:
-    """``anybit eval --bit-map FILE``: accuracy at one per-layer precision."""
+def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
+    """``anybit eval --bit-map FILE`` (or a PTQ checkpoint as saved): accuracy at one per-layer precision."""
     from anybit import mixed
 
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    meta = anybit.read_metadata(args.checkpoint)
     if meta.get("metadata", {}).get("members"):
         raise CLIError("a dedicated run holds one model per bit-width; a per-layer bit map needs one shared model")
     name, options = dataset_from_metadata(args, meta)
     model = anybit.load(args.checkpoint).to(device)
+    label = "as calibrated (anybit ptq)"
     if args.bit_map:
-        bit_map, label = mixed.load_bit_map(args.bit_map, model), Path(args.bit_map).name
-    else:
-        bit_map, label = _ptq_precision(meta), "as calibrated (anybit ptq)"
-    anybit.set_precision(model, bit_map)
+        anybit.set_precision(model, mixed.load_bit_map(args.bit_map, model))
+        label = Path(args.bit_map).name
     test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
     if args.test_subset and args.test_subset < len(test_set):
         test_set = test_set.subset(args.test_subset, seed=args.seed)
@@ -184,16 +181,6 @@ def run_bit_map(args: argparse.Namespace) -> int:
     print(format_table(["precision", "top-1 %", "loss"], [[label, result["accuracy"], f"{result['loss']:.4f}"]]))
     print(f"wrote {path}")
     return 0
-
-
-def _ptq_precision(meta: dict) -> dict:
-    info = meta["metadata"]["ptq"]
-    if "precision" in info:
-        return {name: tuple(pair) for name, pair in info["precision"].items()}
-    if info.get("budget") is not None:
-        raise CLIError("this PTQ checkpoint was calibrated at a per-layer allocation that it does not record "
-                       "(written by an older anybit); evaluate it with --bit-map BITMAP.json")
-    return (info["w_bits"], info["a_bits"])
 
 
 def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:

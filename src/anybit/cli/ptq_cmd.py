@@ -10,7 +10,7 @@ import anybit
 from anybit import data as anydata
 from anybit import ptq
 from anybit.evaluation import evaluate
-from anybit.quant import check_bits, get_precision
+from anybit.quant import check_bits
 from anybit.report import RunRecorder, format_table
 
 from .common import (
@@ -158,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
                                                        else f" (first/last {config.keep_first_last})")
     ptq_meta = {"pipeline": report.pipeline, "w_bits": config.w_bits, "a_bits": config.a_bits,
                 "keep_first_last": config.keep_first_last, "adaquant_mode": config.adaquant_mode,
-                "calib_size": args.calib_size, "source": str(args.checkpoint), "budget": args.budget,
-                "precision": {n: list(p) for n, p in get_precision(qmodel).items()}}
+                "calib_size": args.calib_size, "source": str(args.checkpoint), "budget": args.budget}
     path = anybit.save(qmodel, out / "model", data={"dataset": name, "options": data_options}, ptq=ptq_meta,
                        test_accuracy=quant_result["accuracy"])
     recorder.data["metrics"] = {

@@ -22,8 +22,9 @@ from .functional import (
 )
 
 
-class RangeNotCalibratedError(RuntimeError):
-    """An activation range was needed before it was learnt or calibrated."""
+class RangeNotCalibratedError(RuntimeError, ValueError):
+    """An activation range was needed before it was learnt or calibrated (a ``ValueError`` too, like
+    anybit's other errors a user can fix: the command line prints it without a traceback)."""
 
 
 class _PerBitRanges(nn.Module):
