@@ -99,6 +99,17 @@ def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, capsys, extra, m
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, flag", [(["--train-subset", "97"], "--train-subset 97"),
+                                         (["--test-size", "500"], "--test-subset 500")])
+def test_subset_larger_than_the_split_is_an_error(tmp_path, monkeypatch, capsys, extra, flag):
+    monkeypatch.setattr(MultiBitTrainer, "fit", _must_not_run)
+    out = tmp_path / "run"
+    assert main(train_args(out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} is larger than the synthetic" in err and "use at most" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_existing_output_directory_needs_resume_or_overwrite(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     out.mkdir()

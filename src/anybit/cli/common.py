@@ -31,6 +31,11 @@ def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     add_device_args(p)
 
 
+def add_test_subset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-subset", "--test-size", dest="test_subset", type=positive_int, metavar="N",
+                   help="evaluate on a fixed random subset of N test samples (default: the whole test split)")
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
@@ -52,6 +57,18 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
+
+
+def subset_of(dataset, n: int | None, flag: str, seed: int):
+    """A fixed random subset of ``n`` samples of ``dataset`` (all of it when ``n`` is None); asking for more
+    samples than the split has is an error, not a silent use of fewer."""
+    if n is None:
+        return dataset
+    if n > len(dataset):
+        split = f"{getattr(dataset, 'name', 'dataset')} {getattr(dataset, 'split', '')}".rstrip()
+        raise CLIError(f"{flag} {n} is larger than the {split} split ({len(dataset)} samples): "
+                       f"use at most {len(dataset)}, or leave {flag} out to use all of it")
+    return dataset.subset(n, seed=seed)
 
 
 def resolve_device(name: str) -> torch.device:

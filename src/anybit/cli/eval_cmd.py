@@ -14,7 +14,8 @@ from anybit.quant import parse_bit_list, precision
 from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
 from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
-from .common import CLIError, add_data_args, add_device_args, positive_int, resolve_device, seed_everything
+from .common import (CLIError, add_data_args, add_device_args, add_test_subset_arg, positive_int, resolve_device, seed_everything,
+                     subset_of)
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +33,7 @@ def add_parser(subparsers) -> None:
     add_data_args(p)
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, repeatable (default: the options recorded at training)")
-    p.add_argument("--test-subset", type=positive_int, help="evaluate on a fixed random subset of N test samples")
+    add_test_subset_arg(p)
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "
                         "nearest trained one) and re-estimate its statistics on training data; shared-BN "
@@ -98,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
                                          "test_subset": args.test_subset})
     with recorder.timed("data"):
         test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
-        if args.test_subset and args.test_subset < len(test_set):
-            test_set = test_set.subset(args.test_subset, seed=args.seed)
+        test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     with recorder.timed("load"):
         models = load_models(args.checkpoint, meta, bits, device)
     for model in {id(m): m for m in models.values()}.values():
@@ -167,8 +167,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
         anybit.set_precision(model, mixed.load_bit_map(args.bit_map, model))
         label = Path(args.bit_map).name
     test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
-    if args.test_subset and args.test_subset < len(test_set):
-        test_set = test_set.subset(args.test_subset, seed=args.seed)
+    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     _check_fits(model, test_set)
     out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
     recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": args.bit_map or label,

@@ -20,7 +20,9 @@ from .common import (
     CLIError,
     add_data_args,
     add_run_args,
+    add_test_subset_arg,
     positive_int,
+    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
@@ -69,7 +71,7 @@ def add_parser(subparsers) -> None:
                         "auto: minmax when the model has uncalibrated activation ranges (default: %(default)s)")
     p.add_argument("--calib-size", type=positive_int, default=512,
                    help="calibration samples from the train split (default: %(default)s)")
-    p.add_argument("--test-size", type=positive_int, help="evaluate on a random subset of the test split")
+    add_test_subset_arg(p)
     p.add_argument("--pin-first-last", type=int, default=8,
                    help="for a float checkpoint (converted here, per-channel asymmetric weights): bit-width of "
                         "the first and last layer, which the allocation leaves alone (default: %(default)s)")
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
         "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
         "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup, "calib_size": args.calib_size,
-        "test_size": args.test_size, "dataset": name, "dataset_options": data_options,
+        "test_size": args.test_subset, "dataset": name, "dataset_options": data_options,
         "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
 
     with recorder.timed("load"):
@@ -178,9 +180,8 @@ def run(args: argparse.Namespace) -> int:
         if classes is not None and classes != test_set.num_classes:
             raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
                            f"use the dataset it was trained for (--dataset)")
-        calib = train_set.subset(min(args.calib_size, len(train_set)), seed=args.seed)
-        if args.test_size is not None and args.test_size < len(test_set):
-            test_set = test_set.subset(args.test_size, seed=args.seed)
+        calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed)
+        test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
         test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
         batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),
                                             args.batch_size, device)

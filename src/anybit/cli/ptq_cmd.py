@@ -16,8 +16,10 @@ from anybit.report import RunRecorder, format_table
 from .common import (
     CLIError,
     add_run_args,
+    add_test_subset_arg,
     non_negative_int,
     positive_int,
+    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
@@ -74,7 +76,7 @@ def add_parser(subparsers) -> None:
                         "every layer runs at --w-bits/--a-bits")
     p.add_argument("--metric", choices=["size", "bops"], default="size", help="what --budget limits (default: %(default)s)")
     p.add_argument("--bit-options", default="2,3,4,8", help="bit-widths --budget chooses from (default: %(default)s)")
-    p.add_argument("--test-size", type=positive_int, help="evaluate on a random subset of the test split")
+    add_test_subset_arg(p)
     p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (default: %(default)s)")
     add_run_args(p)
     p.set_defaults(func=run)
@@ -122,18 +124,14 @@ def run(args: argparse.Namespace) -> int:
     if classes is not None and classes != test_set.num_classes:
         raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
                        f"use the dataset it was trained for (--dataset)")
-    if args.calib_size > len(train_set):
-        raise CLIError(f"--calib-size {args.calib_size} is larger than the {name} train split "
-                       f"({len(train_set)} samples): use at most {len(train_set)}")
-    if args.test_size is not None and args.test_size < len(test_set):
-        test_set = test_set.subset(args.test_size, seed=args.seed)
+    calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed)
+    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     out = prepare_out_dir(args.out, args.overwrite)
 
     recorder = RunRecorder(out, "ptq", {
         "checkpoint": str(args.checkpoint), "dataset": name, "dataset_options": data_options,
         "calib_size": args.calib_size, "test_size": len(test_set), "device": str(device), "budget": args.budget,
         "metric": args.metric if args.budget is not None else None, **config.to_dict()})
-    calib = train_set.subset(args.calib_size, seed=args.seed)
     model = model.to(device)
     started = time.perf_counter()
 

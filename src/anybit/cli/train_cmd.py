@@ -18,7 +18,9 @@ from .common import (
     CLIError,
     add_data_args,
     add_run_args,
+    add_test_subset_arg,
     positive_int,
+    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
@@ -40,7 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, repeatable (e.g. image_size=28; synthetic: num_samples=512)")
     p.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N samples")
-    p.add_argument("--test-subset", type=positive_int, help="evaluate on a fixed random subset of N test samples")
+    add_test_subset_arg(p)
     p.add_argument("--bits", default="1,2,4,8,32", help="bit-widths to train (default: %(default)s)")
     p.add_argument("--method", default="emqnet", help=f"{', '.join(METHOD_NAMES)} (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs (default: %(default)s)")
@@ -153,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
     options = run_info["data_options"]
     train_set = anydata.load(info["name"], "train", data_dir=args.data_dir, **options)
     test_set = anydata.load(info["name"], "test", data_dir=args.data_dir, **options)
-    if args.train_subset and args.train_subset < len(train_set):
-        train_set = train_set.subset(args.train_subset, seed=args.seed)
-    if args.test_subset and args.test_subset < len(test_set):
-        test_set = test_set.subset(args.test_subset, seed=args.seed)
+    train_set = subset_of(train_set, args.train_subset, "--train-subset", args.seed)
+    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     data_seconds = time.perf_counter() - t0
     if model is None:
         model = build_model(args, info, train_set.num_classes)
