@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--recalibrate-batches", type=int, help="batches for Any-Precision's BN re-calibration")
+    p.add_argument("--final-bn-batches", type=int, default=TrainConfig.final_bn_batches,
+                   help="BatchNorm statistics pass after training, batches per bit-width (every method; 0 = off)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {', '.join(METHODS)}")
     args = apply_preset(p.parse_args(argv), QUICK, FULL)
     args.bits = [int(b) for b in str(args.bits).split(",")]
@@ -100,7 +102,7 @@ def run_method(method: str, args, train, calib, test) -> dict:
     torch.manual_seed(args.seed)
     model = create(args.model, width=args.width, num_classes=train.num_classes, in_channels=train.in_channels)
     config = TrainConfig(method=method, bits=tuple(args.bits), epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, eval_every=0,
+                         lr=args.lr, seed=args.seed, eval_every=0, final_bn_batches=args.final_bn_batches,
                          coreset_fraction=1.0 if method == "emqnet" else None)
     trainer = MultiBitTrainer(model, train, None, config, device=args.device, quiet=True)
     with Stopwatch(args.device) as training:
@@ -180,7 +182,7 @@ def summary_table(runs: dict[str, dict], args) -> str:
 
 def settings(args) -> dict:
     keys = ("mode", "dataset", "image_size", "model", "width", "bits", "untrained", "epochs", "train_subset",
-            "test_subset", "batch_size", "lr", "recalibrate_batches", "device", "threads", "seed", "methods")
+            "test_subset", "batch_size", "lr", "recalibrate_batches", "final_bn_batches", "device", "threads", "seed", "methods")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -227,7 +229,11 @@ def write_doc(report: dict, table: str) -> None:
         f"test samples{size}; {s['model']} at width {s['width']:g}; trained bit-widths "
         f"{','.join(map(str, s['bits']))} (32 = float), untrained {','.join(map(str, s['untrained']))}; "
         f"{s['epochs']} epochs for every method, batch {s['batch_size']}, SGD momentum 0.9, lr {s['lr']} cosine, "
-        f"weight decay 5e-4, recursive distillation (none for dedicated), first/last layer float, seed "
+        f"weight decay 5e-4, recursive distillation (none for dedicated), first/last layer float, "
+        + (f"BatchNorm statistics re-estimated after the last epoch over {s['final_bn_batches']} training batches "
+           "per bit-width, every bit-width weighted equally (every method, part of training time), "
+           if s.get("final_bn_batches") else "")
+        + f"seed "
         f"{s['seed']}; device {s['device']}, {s['threads'] or 'default'} torch thread(s) on "
         f"{env.get('cpu_count', '?')} CPUs (shared with other work), torch {env.get('torch', '?')}. "
         f"Whole benchmark: {report['total_s'] / 60:.1f} min.",

@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device")
     p.add_argument("--threads", type=int, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list out of {', '.join(RUNS)}")
+    p.add_argument("--final-bn-batches", type=int, default=TrainConfig.final_bn_batches,
+                   help="BatchNorm statistics pass after training, batches per bit-width (every run; 0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name (training_cost-<tag>.json)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks-training-cost.md")
@@ -114,7 +116,7 @@ def build_run(name: str, args, train):
     torch.manual_seed(args.seed)
     model = create(args.model, width=args.width, num_classes=train.num_classes, in_channels=train.in_channels)
     common = dict(bits=tuple(args.bits), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, eval_every=0)
+                  seed=args.seed, eval_every=0, final_bn_batches=args.final_bn_batches)
     if name == "anyprecision":
         return model, TrainConfig(method="anyprecision", **common), None
     config = TrainConfig(method="emqnet", coreset_fraction=args.fraction,
@@ -174,7 +176,7 @@ FORWARD_SHARE = 1 / 3  # a no-grad forward costs about a third of a forward + ba
 
 def pass_equivalents(run: dict) -> float:
     """Cost in forward+backward sample passes: training passes plus a third of each extra forward."""
-    return _passes(run, "train") + FORWARD_SHARE * (_passes(run, "teacher") + _passes(run, "scoring"))
+    return _passes(run, "train") + FORWARD_SHARE * _extra_forwards(run)
 
 
 def compare(runs: list[dict]) -> None:
@@ -198,7 +200,7 @@ def table(runs: list[dict], bits: list[int]) -> str:
         rows.append([r["run"], f"{r['wall_s']:.0f}", _fmt(r.get("speedup_wall")), _fmt(r.get("speedup_cpu")),
                      _fmt(r.get("speedup_passes")),
                      f"{r['scoring_s']:.0f}", r["steps"], _passes(r, "train"),
-                     _passes(r, "teacher") + _passes(r, "scoring"),
+                     _extra_forwards(r),
                      *[f"{r['accuracy'][str(b)]:.2f}" for b in sorted(bits)],
                      f"{r['avg_accuracy']:.2f}", _fmt(r.get("avg_accuracy_delta"), "+.2f"),
                      _fmt(r.get("avg_accuracy_bn_reestimated")), f"{r['mean_overlap']:.2f}"])
@@ -206,7 +208,11 @@ def table(runs: list[dict], bits: list[int]) -> str:
 
 
 def _passes(run: dict, kind: str) -> int:
-    return sum(s[kind] for s in run["samples"].values())
+    return sum(s.get(kind, 0) for s in run["samples"].values())
+
+
+def _extra_forwards(run: dict) -> int:
+    return sum(_passes(run, kind) for kind in ("teacher", "scoring", "final_bn"))
 
 
 def _fmt(value, spec=".2f") -> str:
@@ -227,7 +233,7 @@ def verdict(runs: list[dict]) -> dict:
 
 def settings(args) -> dict:
     keys = ("mode", "dataset", "image_size", "model", "width", "bits", "epochs", "train_subset", "test_subset",
-            "batch_size", "lr", "fraction", "warmup", "refresh", "device", "threads", "seed", "runs")
+            "batch_size", "lr", "fraction", "warmup", "refresh", "final_bn_batches", "device", "threads", "seed", "runs")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -318,7 +324,10 @@ def write_doc(report: dict, md: str) -> None:
         f"{size}{s['model']} width {s['width']:g}, "
         f"bits {','.join(map(str, s['bits']))}, {s['epochs']} epochs, "
         f"batch {s['batch_size']}, SGD lr {s['lr']} cosine, seed {s['seed']}; coreset fraction {s['fraction']}, "
-        f"warm-up {s['warmup']} epoch(s), refresh {s['refresh']}; device {s['device']}, "
+        f"warm-up {s['warmup']} epoch(s), refresh {s['refresh']}; "
+        + (f"BatchNorm statistics re-estimated after the last epoch over {s['final_bn_batches']} batches per "
+           "bit-width (every run, timed); " if s.get("final_bn_batches") else "")
+        + f"device {s['device']}, "
         f"torch threads {env['torch_threads']} ({env['cpu_count']} CPUs), torch {env['torch']}. "
         f"Total benchmark time {report['total_s'] / 60:.1f} min.",
         "",
@@ -331,7 +340,7 @@ def write_doc(report: dict, md: str) -> None:
         "train passes: "
         "samples through forward + backward, summed over bit-widths; extra forwards: no-grad forwards for "
         "distillation teachers (a bit-width whose teacher trained on another subset needs the teacher's logits "
-        "on its own batch) and for scoring. "
+        "on its own batch), for scoring, and for the BatchNorm statistics pass every run ends with. "
         "Accuracy: test top-1 at each bit-width after the last epoch; Δ avg: average over bit-widths minus "
         "anyprecision's. avg % (BN re-est.): emqnet runs' average with the shared BatchNorm's statistics "
         "re-estimated at each bit-width (20 batches, `anybit eval --recalibrate-bn`; not part of the target). "

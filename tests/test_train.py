@@ -17,6 +17,7 @@ from anybit.train import (
     TrainConfig,
     TrainConfigError,
     recalibrate_bn,
+    reestimate_bn,
     shared_bn_recalibrated,
 )
 from anybit.train.optim import LRSchedule
@@ -129,6 +130,43 @@ def test_shared_bn_recalibration_fits_one_bit_width_and_restores_the_checkpoint(
     with pytest.raises(ValueError, match="empty"), shared_bn_recalibrated(model, [], 3):
         pass
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_final_bn_pass_averages_every_bit_width_equally_and_keeps_the_weights(trained, datasets):
+    import copy
+    model = copy.deepcopy(trained["emqnet"][0].model_for(32))
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    mode = model.training
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][1]   # after a quantized layer
+    batches = [torch.cat([datasets[0][i][0][None] for i in range(j, j + 32)]) for j in (0, 32)]
+    seen = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    info = reestimate_bn(model, [(x, None) for x in batches], [32, 2], batches=2)
+    hook.remove()
+    assert info["bits"] == {32: {"batches": 2, "samples": 64}, 2: {"batches": 2, "samples": 64}}
+    assert len(seen) == 4 and model.training == mode and bn.momentum == 0.1
+    expected_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    expected_var = torch.stack([x.var(dim=(0, 2, 3)) for x in seen]).mean(0)
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, expected_var, rtol=1e-3)
+    assert not torch.allclose(seen[0].mean(dim=(0, 2, 3)), seen[2].mean(dim=(0, 2, 3)))  # the bits differ
+    assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
+
+
+@pytest.mark.parametrize("batches", [0, 2])
+def test_trainer_ends_with_the_bn_pass_and_accounts_for_it(datasets, batches):
+    train, _ = datasets
+    config = TrainConfig(bits=(2, 32), method="anyprecision", epochs=1, batch_size=32, final_bn_batches=batches)
+    trainer = MultiBitTrainer(small_net(), train, None, config, quiet=True)
+    result = trainer.fit()
+    last = result["history"][-1]
+    if batches:
+        assert last["final_bn"] == {"32": {"batches": 2, "samples": 64}, "2": {"batches": 2, "samples": 64}}
+        assert last["seconds"]["final_bn"] > 0 and result["timings_s"]["final_bn"] > 0
+        assert result["samples"]["2"]["final_bn"] == 64
+    else:
+        assert "final_bn" not in last and "final_bn" not in result["timings_s"]
+        assert result["samples"]["2"]["final_bn"] == 0
 
 
 def test_distillation_teachers():

@@ -64,6 +64,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coreset-warmup", type=int, default=1, metavar="E",
                    help="epochs on random subsets before the first scoring: an untrained network's "
                         "scores say little (default: 1)")
+    p.add_argument("--final-bn-batches", type=int, default=20, metavar="N",
+                   help="after the last epoch, re-estimate BatchNorm statistics over N training batches per "
+                        "bit-width, all bit-widths weighted equally; 0 = keep the momentum averages training "
+                        "left (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=1, metavar="E",
                    help="evaluate on the test split every E epochs; 0 = at the end only (default: 1)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
@@ -102,7 +106,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
         label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
         coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
-        coreset_warmup=args.coreset_warmup, seed=args.seed, eval_every=args.eval_every, num_workers=args.workers,
+        coreset_warmup=args.coreset_warmup, final_bn_batches=args.final_bn_batches, seed=args.seed, eval_every=args.eval_every, num_workers=args.workers,
     ).resolved()
 
 

@@ -1,10 +1,11 @@
 """Multi-bit training: one network for every bit-width (dedicated, Any-Precision, EMQNet).
 
 ``MultiBitTrainer(model, train_set, test_set, TrainConfig(method="emqnet")).fit()`` trains;
-``recalibrate_bn`` gives a switchable-BN model statistics for a bit-width it was not trained at.
+``recalibrate_bn`` gives a switchable-BN model statistics for a bit-width it was not trained at;
+``reestimate_bn`` is the BatchNorm statistics pass the trainer ends with.
 """
 
-from .bn import NoSwitchableBNError, bn_bits, recalibrate_bn, shared_bn_recalibrated
+from .bn import NoSwitchableBNError, bn_bits, recalibrate_bn, reestimate_bn, shared_bn_recalibrated
 from .config import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, TrainConfig, TrainConfigError
 from .distill import Distillation, soft_cross_entropy
 from .methods import METHODS, BitModels, Method, build_models, nearest_bits
@@ -16,5 +17,5 @@ __all__ = [
     "BitModels", "CORESET_SCORES", "CoresetOptions", "DISTILL_CHOICES", "Distillation", "EpochSampler",
     "FullDataSampler", "METHODS", "METHOD_NAMES", "Method", "MultiBitTrainer", "NoSwitchableBNError",
     "ResumeError", "TrainConfig", "TrainConfigError", "bn_bits", "build_models", "check_same_config",
-    "make_sampler", "nearest_bits", "recalibrate_bn", "shared_bn_recalibrated", "soft_cross_entropy",
+    "make_sampler", "nearest_bits", "recalibrate_bn", "reestimate_bn", "shared_bn_recalibrated", "soft_cross_entropy",
 ]

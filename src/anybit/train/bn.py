@@ -1,5 +1,6 @@
-"""BatchNorm re-calibration: for bit-widths a switchable-BN (Any-Precision) model was not trained at,
-and, temporarily, for one bit-width of a shared-BN (emqnet) model."""
+"""BatchNorm statistics: the final re-estimation at the end of training, re-calibration for bit-widths a
+switchable-BN (Any-Precision) model was not trained at, and, temporarily, for one bit-width of a
+shared-BN (emqnet) model."""
 
 from __future__ import annotations
 
@@ -69,30 +70,43 @@ def recalibrate_bn(
         device = next(model.parameters()).device
 
     start = time.perf_counter()
-    targets: list[nn.modules.batchnorm._BatchNorm] = []
     for bn in bns:
         if key not in bn.bns:
             bn.add(key, str(source))
-        target = bn.bns[key]
-        target.reset_running_stats()
-        targets.append(target)
-    saved_momentum = [t.momentum for t in targets]
-    was_training = model.training
-    model.eval()
-    try:
-        for t in targets:
-            t.momentum = None  # cumulative average over the batches seen
-            t.train()
-        with precision(model, bits):
-            done, samples = _run_batches(model, loader, batches, device)
-    finally:
-        for t, m in zip(targets, saved_momentum):
-            t.momentum = m
-        model.train(was_training)
-    if done == 0:
-        raise ValueError("the re-calibration data is empty")
+    with _cumulative_statistics(model, [bn.bns[key] for bn in bns]), precision(model, bits):
+        done, samples = _run_batches(model, loader, batches, device)
     return {"bits": bits, "recalibrated": True, "source": source, "batches": done, "samples": samples,
             "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module, loader: Iterable, bits: Iterable[int], batches: int = 20,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Replace the running statistics of every BatchNorm of ``model`` by their exact average over
+    ``batches`` batches of ``loader`` run at each of ``bits``, every bit-width weighted equally.
+
+    The statistics a BatchNorm keeps during training are a momentum average over batches taken while
+    the weights still moved, and, when the BatchNorm is shared by all bit-widths, a mix that leans
+    towards whichever bit-width ran last in each step. One pass at the end of training replaces them
+    (a shared BatchNorm still holds one set for all bit-widths, a switchable one a set per bit-width).
+    Weights are untouched. Returns ``batches``/``samples`` per bit-width and ``seconds``.
+    """
+    bits = [check_bits(b, "bits") for b in bits]
+    if batches < 1:
+        raise ValueError(f"batches={batches} must be at least 1")
+    if device is None:
+        device = next(model.parameters()).device
+    targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    start = time.perf_counter()
+    done: dict[int, dict] = {}
+    with _cumulative_statistics(model, targets):
+        for b in bits:
+            with precision(model, b):
+                n, samples = _run_batches(model, loader, batches, device)
+            done[b] = {"batches": n, "samples": samples}
+    return {"bits": done, "seconds": time.perf_counter() - start}
 
 
 @contextmanager
@@ -113,27 +127,38 @@ def shared_bn_recalibrated(
     targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if device is None:
         device = next(model.parameters()).device
-    saved = [(t.momentum, {k: v.clone() for k, v in t.state_dict().items() if k.startswith(("running", "num"))})
+    saved = [{k: v.clone() for k, v in t.state_dict().items() if k.startswith(("running", "num"))}
              for t in targets]
     was_training = model.training
     start = time.perf_counter()
     try:
-        model.eval()
-        for t in targets:
-            t.reset_running_stats()
-            t.momentum = None  # cumulative average over the batches seen
-            t.train()
-        with torch.no_grad(), precision(model, bits):
+        with torch.no_grad(), _cumulative_statistics(model, targets), precision(model, bits):
             done, samples = _run_batches(model, loader, batches, device)
-        if done == 0:
-            raise ValueError("the re-calibration data is empty")
         model.eval()
         yield {"bits": bits, "recalibrated": True, "batches": done, "samples": samples,
                "seconds": time.perf_counter() - start}
     finally:
-        for t, (momentum, buffers) in zip(targets, saved):
-            t.momentum = momentum
+        for t, buffers in zip(targets, saved):
             t.load_state_dict(buffers, strict=False)
+        model.train(was_training)
+
+
+@contextmanager
+def _cumulative_statistics(model: nn.Module, targets: list[nn.Module]) -> Iterator[None]:
+    """Inside: ``targets`` start from empty running statistics and average every batch they see
+    equally, the rest of ``model`` in eval mode; momentum and the model's mode are restored on exit."""
+    saved = [t.momentum for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        for t in targets:
+            t.reset_running_stats()
+            t.momentum = None  # cumulative average over the batches seen
+            t.train()
+        yield
+    finally:
+        for t, momentum in zip(targets, saved):
+            t.momentum = momentum
         model.train(was_training)
 
 
@@ -147,4 +172,6 @@ def _run_batches(model: nn.Module, loader: Iterable, batches: int, device) -> tu
         model(images.to(device))
         samples += images.shape[0]
         done += 1
+    if done == 0:
+        raise ValueError("the BatchNorm statistics data is empty: give a loader with at least one batch")
     return done, samples

@@ -32,6 +32,10 @@ class TrainConfig:
     ``None`` means "the default of the method or optimizer": distillation ``recursive`` (``none`` for
     ``dedicated``), coreset fraction 0.2 for ``emqnet`` and 1 (off) otherwise, learning rate 0.1 (SGD)
     or 1e-3 (Adam), weight decay 5e-4 (SGD) or 0 (Adam). See :meth:`resolved`.
+
+    ``final_bn_batches``: after the last epoch, every BatchNorm's running statistics are re-estimated
+    over this many training batches per bit-width (see :func:`anybit.train.reestimate_bn`); 0 keeps
+    the statistics training left.
     """
 
     bits: tuple[int, ...] = (1, 2, 4, 8, 32)
@@ -51,6 +55,7 @@ class TrainConfig:
     coreset_score: str = "el2n"
     coreset_refresh: int = 0
     coreset_warmup: int = 1
+    final_bn_batches: int = 20
     seed: int = 0
     eval_every: int = 1
     num_workers: int = 0
@@ -66,7 +71,7 @@ class TrainConfig:
             _choice("distill", self.distill, DISTILL_CHOICES)
         for name in ("epochs", "batch_size"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("coreset_refresh", "coreset_warmup", "eval_every", "num_workers"):
+        for name in ("coreset_refresh", "coreset_warmup", "final_bn_batches", "eval_every", "num_workers"):
             _int_at_least(name, getattr(self, name), 0)
         if self.lr is not None and not self.lr > 0:
             raise TrainConfigError(f"lr={self.lr!r} must be a positive number")

@@ -23,10 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save
+from ..data import make_loader
 from ..evaluation import evaluate, logits_of
 from ..progress import progress
 from ..quant import precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
+from .bn import reestimate_bn
 from .config import TrainConfig, config_differences
 from .distill import Distillation
 from .methods import METHODS, BitModels, build_models
@@ -93,7 +95,7 @@ class MultiBitTrainer:
         self.epoch = 0                                   # epochs completed
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
-        self.samples = {str(b): {"train": 0, "teacher": 0, "scoring": 0} for b in self.bits}
+        self.samples = {str(b): {"train": 0, "teacher": 0, "scoring": 0, "final_bn": 0} for b in self.bits}
         self.final: dict[str, dict] = {}
         self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self.out_dir else None
         self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self.out_dir else None
@@ -114,6 +116,8 @@ class MultiBitTrainer:
         start = time.perf_counter()
         for epoch in range(self.epoch, cfg.epochs):
             record = self._train_epoch(epoch)
+            if epoch + 1 == cfg.epochs and cfg.final_bn_batches:
+                record["seconds"]["final_bn"] = self._reestimate_bn(record)
             if self.test_data is not None and self._eval_due(epoch):
                 record["seconds"]["eval"] = self._timed_eval(record)
             self.history.append(record)
@@ -223,6 +227,25 @@ class MultiBitTrainer:
         set_precision(self.models.for_bits(b), b)
         stats.add_teacher(b, images.shape[0])
         return logits
+
+    def _reestimate_bn(self, record: dict) -> float:
+        """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
+        own bit-width). Returns its seconds."""
+        cfg = self.config
+        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             num_workers=cfg.num_workers)
+        if self.models.shared:
+            groups = [(self.models.for_bits(self.bits[0]), self.bits)]
+        else:
+            groups = [(self.models.for_bits(b), [b]) for b in self.bits]
+        seconds, record["final_bn"] = 0.0, {}
+        for model, bits in groups:
+            done = reestimate_bn(model, loader, bits, cfg.final_bn_batches, self.device)
+            seconds += done["seconds"]
+            for b, counts in done["bits"].items():
+                record["final_bn"][str(b)] = counts
+                self.samples[str(b)]["final_bn"] = self.samples[str(b)].get("final_bn", 0) + counts["samples"]
+        return seconds
 
     # ------------------------------------------------------------------ evaluation, state and outputs
     def _eval_due(self, epoch: int) -> bool:
