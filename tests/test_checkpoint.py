@@ -4,6 +4,7 @@ architectures, atomic writes and a pickle-free format."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -91,6 +92,10 @@ def test_files_are_plain_safetensors_and_json(tmp_path):
     assert data["format"] == "anybit-checkpoint" and data["format_version"] == 1
     assert data["model"]["quant_spec"]["bn"] == "switchable"
     assert data["precision"]["layer1.0.conv1"] == [4, 4]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (tensors, sidecar):   # an ordinary file's mode, not the temporary file's private 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_path_forms(tmp_path):

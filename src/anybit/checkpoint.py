@@ -51,10 +51,17 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it an ordinary file's mode
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_tagged_json(path: Path, fmt: str, error: type[Exception], kind: str, whole: str) -> dict:
