@@ -40,6 +40,7 @@ from anybit.models import create
 from anybit.progress import progress
 from anybit.quant import FLOAT_BITS, precision
 from anybit.report import environment, format_table
+from anybit.train import MultiBitTrainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,39 +72,22 @@ def train_float(model, train_set, epochs: int, lr: float, batch_size: int, seed:
 
 def train_multibit(float_model, train_set, bits, epochs: int, lr: float, batch_size: int, seed: int, device,
                    quiet: bool, coreset_score: str = "el2n") -> tuple[torch.nn.Module, float, str]:
-    """Multi-bit fine-tuning of a copy of the float model: anybit.train's emqnet when available, else a
-    short loop (WBC + shared BN, CE at every bit-width, one step per batch). Returns model, seconds, how."""
+    """Multi-bit fine-tuning of a copy of the float model with anybit.train's emqnet. Returns model,
+    seconds, how."""
     # Learned activation ranges (initialised from the first batch) suit a pretrained float network;
     # a fixed [0, 1] range clips its activations and fine-tuning diverges.
     model = anybit.convert(copy.deepcopy(float_model),
                            anybit.QuantSpec(wbc=True, bn="shared", act="learned", keep_first_last=32))
     model.train()  # MultiBitTrainer trains the model in whatever mode it is given
     start = time.perf_counter()
-    try:
-        from anybit.train import MultiBitTrainer, TrainConfig
-    except ImportError:
-        MultiBitTrainer = None
-    if MultiBitTrainer is not None:
-        cfg = TrainConfig(bits=tuple(bits), method="emqnet", epochs=epochs, batch_size=batch_size, lr=lr,
-                          keep_first_last=32, seed=seed, eval_every=0, coreset_score=coreset_score)
-        trainer = MultiBitTrainer(model, train_set, None, cfg, device=device, quiet=quiet)
-        trainer.fit()
-        how = (f"anybit.train.MultiBitTrainer, method emqnet (WBC, shared BN, learned activation ranges, coreset "
-               f"fraction {trainer.config.coreset_fraction:g}, score {coreset_score}, recursive distillation), lr {lr:g}")
-        return trainer.model_for(max(bits)).eval(), time.perf_counter() - start, how
-    loader = anydata.make_loader(train_set, batch_size, shuffle=True, seed=seed, drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    model.train().to(device)
-    for epoch in range(epochs):
-        for x, y in progress(loader, desc=f"multi-bit epoch {epoch + 1}/{epochs}", quiet=quiet):
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            for b in sorted(bits, reverse=True):
-                anybit.set_precision(model, b)
-                F.cross_entropy(model(x), y).backward()
-            opt.step()
-    anybit.set_precision(model, 32)
-    return model.eval(), time.perf_counter() - start, "fallback loop (WBC, shared BN, CE at every bit-width)"
+    cfg = TrainConfig(bits=tuple(bits), method="emqnet", epochs=epochs, batch_size=batch_size, lr=lr,
+                      keep_first_last=32, seed=seed, eval_every=0, coreset_score=coreset_score)
+    trainer = MultiBitTrainer(model, train_set, None, cfg, device=device, quiet=quiet)
+    trainer.fit()
+    how = (f"anybit.train.MultiBitTrainer, method emqnet (WBC, shared BN, learned activation ranges, coreset "
+           f"fraction {trainer.config.coreset_fraction:g}, score {coreset_score}, recursive distillation, final "
+           f"BatchNorm statistics pass over {cfg.final_bn_batches} batches per bit-width), lr {lr:g}")
+    return trainer.model_for(max(bits)).eval(), time.perf_counter() - start, how
 
 
 def cached_models(args, train_set, data_info, device) -> tuple[dict, dict]:
