@@ -153,6 +153,18 @@ def test_final_bn_pass_averages_every_bit_width_equally_and_keeps_the_weights(tr
     assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
 
 
+def test_final_bn_pass_skips_a_model_without_batchnorm():
+    model = anybit.convert(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                           anybit.QuantSpec(keep_first_last=None))
+
+    def no_batches():
+        raise AssertionError("a model without BatchNorm needs no forward pass")
+        yield
+
+    info = reestimate_bn(model, no_batches(), [2, 32])
+    assert info == {"bits": {2: {"batches": 0, "samples": 0}, 32: {"batches": 0, "samples": 0}}, "seconds": 0.0}
+
+
 @pytest.mark.parametrize("batches", [0, 2])
 def test_trainer_ends_with_the_bn_pass_and_accounts_for_it(datasets, batches):
     train, _ = datasets

@@ -91,7 +91,8 @@ def reestimate_bn(
     the weights still moved, and, when the BatchNorm is shared by all bit-widths, a mix that leans
     towards whichever bit-width ran last in each step. One pass at the end of training replaces them
     (a shared BatchNorm still holds one set for all bit-widths, a switchable one a set per bit-width).
-    Weights are untouched. Returns ``batches``/``samples`` per bit-width and ``seconds``.
+    Weights are untouched; a model without BatchNorm is not run at all. Returns ``batches``/``samples``
+    per bit-width and ``seconds``.
     """
     bits = [check_bits(b, "bits") for b in bits]
     if batches < 1:
@@ -99,6 +100,8 @@ def reestimate_bn(
     if device is None:
         device = next(model.parameters()).device
     targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not targets:   # nothing to re-estimate (e.g. a LayerNorm model): no forwards
+        return {"bits": {b: {"batches": 0, "samples": 0} for b in bits}, "seconds": 0.0}
     start = time.perf_counter()
     done: dict[int, dict] = {}
     with _cumulative_statistics(model, targets):
