@@ -14,8 +14,16 @@ from anybit.quant import parse_bit_list, precision
 from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
 from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
-from .common import (CLIError, add_data_args, add_device_args, add_test_subset_arg, positive_int, resolve_device, seed_everything,
-                     subset_of)
+from .common import (
+    CLIError,
+    add_data_args,
+    add_device_args,
+    add_test_subset_arg,
+    positive_int,
+    resolve_device,
+    seed_everything,
+    subset_of,
+)
 
 
 def add_parser(subparsers) -> None:

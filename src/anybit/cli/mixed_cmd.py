@@ -22,10 +22,10 @@ from .common import (
     add_run_args,
     add_test_subset_arg,
     positive_int,
-    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
+    subset_of,
 )
 from .eval_cmd import dataset_from_metadata
 

@@ -19,10 +19,10 @@ from .common import (
     add_test_subset_arg,
     non_negative_int,
     positive_int,
-    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
+    subset_of,
 )
 from .eval_cmd import dataset_from_metadata
 

@@ -20,10 +20,10 @@ from .common import (
     add_run_args,
     add_test_subset_arg,
     positive_int,
-    subset_of,
     prepare_out_dir,
     resolve_device,
     seed_everything,
+    subset_of,
 )
 
 
@@ -106,7 +106,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
         label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
         coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
-        coreset_warmup=args.coreset_warmup, final_bn_batches=args.final_bn_batches, seed=args.seed, eval_every=args.eval_every, num_workers=args.workers,
+        coreset_warmup=args.coreset_warmup, final_bn_batches=args.final_bn_batches, seed=args.seed,
+        eval_every=args.eval_every, num_workers=args.workers,
     ).resolved()
 
 

@@ -17,5 +17,6 @@ __all__ = [
     "BitModels", "CORESET_SCORES", "CoresetOptions", "DISTILL_CHOICES", "Distillation", "EpochSampler",
     "FullDataSampler", "METHODS", "METHOD_NAMES", "Method", "MultiBitTrainer", "NoSwitchableBNError",
     "ResumeError", "TrainConfig", "TrainConfigError", "bn_bits", "build_models", "check_same_config",
-    "make_sampler", "nearest_bits", "recalibrate_bn", "reestimate_bn", "shared_bn_recalibrated", "soft_cross_entropy",
+    "make_sampler", "nearest_bits", "recalibrate_bn", "reestimate_bn", "shared_bn_recalibrated",
+    "soft_cross_entropy",
 ]
