@@ -165,3 +165,57 @@ def test_budget_run_is_labelled_mixed_and_evaluates_at_its_allocation(checkpoint
     assert evaluated["accuracy"] == pytest.approx(run["metrics"]["quantized"]["accuracy"])
     assert main(["eval", str(out), "--bits", "4", "--bit-map", str(out / "x.json"), "--quiet"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_output_over_the_input_checkpoint_is_refused(checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in checkpoint.parent.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    before = sorted((p.name, p.read_bytes()) for p in run.iterdir())
+    for cmd in (["ptq", str(run), "--pipeline", "rtn", *FAST], ["mixed", str(run), "--budget", "0.3", "--quiet"]):
+        for out in (run, tmp_path):
+            assert main([*cmd, "--out", str(out), "--overwrite"]) == 2
+            assert "holds this command's input" in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
+
+
+def test_default_calibration_size_shrinks_to_a_small_split(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main(["ptq", str(checkpoint), "--pipeline", "rtn", "--batch-size", "32", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["calib_size"] == 96
+
+
+def test_eval_guards_its_output_and_checks_channels(checkpoint, tmp_path, capsys):
+    ptq_out = tmp_path / "ptq"
+    assert main(["ptq", str(checkpoint), "--pipeline", "rtn", "--out", str(ptq_out), *FAST]) == 0
+    capsys.readouterr()
+    (tmp_path / "file.txt").write_text("mine")
+    for out, message in ((checkpoint.parent, "holds this command's input"), (ptq_out, "another anybit command"),
+                         (tmp_path / "file.txt", "not a directory")):
+        assert main(["eval", str(checkpoint), "--bits", "32", "--quiet", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "mine" and (ptq_out / "model.safetensors").is_file()
+    assert main(["eval", str(ptq_out), "--quiet", "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", str(ptq_out), "--quiet", "--out", str(tmp_path / "ev")]) == 0  # its own output: replaced
+    assert main(["eval", str(ptq_out), "--quiet", "--data-option", "channels=1"]) == 2
+    assert "3-channel images but synthetic has 1 channel" in capsys.readouterr().err
+
+
+def test_eval_of_a_ptq_checkpoint_at_other_precisions(checkpoint, tmp_path, capsys):
+    ptq_out = tmp_path / "ptq"
+    assert main(["ptq", str(checkpoint), "--pipeline", "rtn", "--w-bits", "4", "--a-bits", "4", "--out",
+                 str(ptq_out), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(ptq_out), "--bits", "8", "--quiet"]) == 2
+    assert "no calibrated range at [8] bits" in capsys.readouterr().err
+    mixed_out = tmp_path / "mixed"
+    assert main(["mixed", str(ptq_out), "--budget", "0.3", "--options", "4,8", "--batch-size", "32", "--quiet",
+                 "--out", str(mixed_out)]) == 0
+    measured = json.loads((mixed_out / "run.json").read_text())["metrics"]
+    assert main(["eval", str(ptq_out), "--bit-map", str(mixed_out / "bitmap.json"), "--quiet"]) == 0
+    assert "min/max over 96 training images" in capsys.readouterr().out
+    record = json.loads((ptq_out / "eval" / "run.json").read_text())
+    assert record["config"]["calibrated"] == {"activation_ranges": "min/max", "samples": 96}
+    # the same min/max ranges over the same images as anybit mixed: the same accuracy it measured
+    assert record["metrics"]["bit_map"]["accuracy"] == pytest.approx(measured["allocation"]["test"]["top1"])

@@ -31,6 +31,9 @@ def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     add_device_args(p)
 
 
+MIXED_CALIB_SIZE = 512   # anybit mixed's calibration set; eval --bit-map calibrates on the same images
+
+
 def add_test_subset_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-subset", "--test-size", dest="test_subset", type=positive_int, metavar="N",
                    help="evaluate on a fixed random subset of N test samples (default: the whole test split)")
@@ -59,16 +62,32 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
 
 
-def subset_of(dataset, n: int | None, flag: str, seed: int):
-    """A fixed random subset of ``n`` samples of ``dataset`` (all of it when ``n`` is None); asking for more
-    samples than the split has is an error, not a silent use of fewer."""
+def subset_of(dataset, n: int | None, flag: str, seed: int, default: int | None = None):
+    """A fixed random subset of ``n`` samples of ``dataset``; when ``n`` is None, of ``default`` samples
+    or all of them if the split is smaller (no ``default``: all of it). Asking for more samples than the
+    split has is an error, not a silent use of fewer."""
     if n is None:
-        return dataset
+        return dataset if default is None else dataset.subset(min(default, len(dataset)), seed=seed)
     if n > len(dataset):
         split = f"{getattr(dataset, 'name', 'dataset')} {getattr(dataset, 'split', '')}".rstrip()
         raise CLIError(f"{flag} {n} is larger than the {split} split ({len(dataset)} samples): "
                        f"use at most {len(dataset)}, or leave {flag} out to use all of it")
     return dataset.subset(n, seed=seed)
+
+
+def check_model_fits(model: torch.nn.Module, dataset) -> None:
+    """The checkpoint's classes and input channels match the dataset's (else a clear CLIError instead of
+    a shape error deep inside the first forward pass)."""
+    name = getattr(dataset, "name", "the dataset")
+    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
+    if classes is not None and classes != getattr(dataset, "num_classes", classes):
+        raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {dataset.num_classes}; "
+                       f"use the dataset it was trained for (--dataset, --data-option)")
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels = getattr(dataset, "in_channels", None)
+    if first_conv is not None and channels is not None and first_conv.in_channels != channels:
+        raise CLIError(f"the checkpoint takes {first_conv.in_channels}-channel images but {name} has {channels} "
+                       f"channel(s); use the dataset it was trained for (--dataset, --data-option)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,15 +122,16 @@ _OPEN_OUTPUTS: list[_OpenOutput] = []
 
 
 def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = False,
-                    can_resume: bool = False) -> Path:
+                    can_resume: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Create the output directory; refuse to reuse a non-empty one unless told to (overwrite/resume).
 
     ``--overwrite`` replaces only a directory anybit wrote (it holds the output marker or a run.json),
     never the current directory, one of its parents or the home directory, and only once the command
     succeeds: until then the old contents are kept aside, and they come back if it fails
-    (:func:`close_out_dirs`).
+    (:func:`close_out_dirs`). A directory that is or holds one of ``inputs`` is refused.
     """
     out = Path(path)
+    check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
     if overwrite and resume:
@@ -132,6 +152,16 @@ def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = Fal
         (out / OUTPUT_MARKER).write_text("written by anybit; --overwrite may replace this directory\n")
     _OPEN_OUTPUTS.append(_OpenOutput(out, made_here, replaced))
     return out
+
+
+def check_not_input(out: Path, inputs) -> None:
+    """Refuse an output directory that is, or contains, one of the command's inputs."""
+    resolved = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            raise CLIError(f"--out {out} holds this command's input {item}; writing there would replace it. "
+                           f"Give another --out")
 
 
 def _check_replaceable(out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 import anybit
@@ -15,7 +16,10 @@ from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
 from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
 from .common import (
+    MIXED_CALIB_SIZE,
     CLIError,
+    check_model_fits,
+    check_not_input,
     add_data_args,
     add_device_args,
     add_test_subset_arg,
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         )
     name, options = dataset_from_metadata(args, meta)
 
-    out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
+    out = eval_out_dir(args)
     recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bits": bits, "dataset": name,
                                          "options": options, "batch_size": args.batch_size, "device": str(device),
                                          "recalibrate_bn": args.recalibrate_bn,
@@ -110,8 +114,10 @@ def run(args: argparse.Namespace) -> int:
         test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     with recorder.timed("load"):
         models = load_models(args.checkpoint, meta, bits, device)
+    if info.get("ptq"):
+        _check_ptq_bits(next(iter(models.values())), bits)
     for model in {id(m): m for m in models.values()}.values():
-        _check_fits(model, test_set)
+        check_model_fits(model, test_set)
 
     recal: dict[int, dict] = {}
     shared_recal = args.recalibrate_bn and bn_bits is None and info.get("method") != "dedicated"
@@ -169,25 +175,72 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     if meta.get("metadata", {}).get("members"):
         raise CLIError("a dedicated run holds one model per bit-width; a per-layer bit map needs one shared model")
     name, options = dataset_from_metadata(args, meta)
+    out = eval_out_dir(args)
     model = anybit.load(args.checkpoint).to(device)
     label = "as calibrated (anybit ptq)"
-    if args.bit_map:
-        anybit.set_precision(model, mixed.load_bit_map(args.bit_map, model))
-        label = Path(args.bit_map).name
     test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
-    _check_fits(model, test_set)
-    out = Path(args.out) if args.out else checkpoint_paths(args.checkpoint)[0].parent / "eval"
+    check_model_fits(model, test_set)
+    calibrated = None
+    if args.bit_map:
+        bit_map = mixed.load_bit_map(args.bit_map, model)
+        setup = None
+        if mixed.needs_calibration(model, {a for _, a in bit_map.values()}):
+            # as anybit mixed measured it: min/max ranges over the same calibration images
+            train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
+            calib = subset_of(train_set, None, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
+            setup = mixed.MinMaxSetup(anydata.make_loader(calib, args.batch_size, shuffle=False), device=device)
+            calibrated = {"activation_ranges": "min/max", "samples": len(calib)}
+        mixed.apply_allocation(model, bit_map, setup)
+        label = Path(args.bit_map).name
+    (out / "accuracy.png").unlink(missing_ok=True)   # a previous eval's plot; one precision gives none
     recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": args.bit_map or label,
-                                         "dataset": name, "options": options, "device": str(device)})
+                                         "dataset": name, "options": options, "device": str(device),
+                                         "calibrated": calibrated})
     loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
     with recorder.timed("eval"):
         result = evaluate(model, loader, device, desc="eval bit map", quiet=args.quiet)
     recorder.data["metrics"] = {"bit_map": result}
     path = recorder.write()
+    if calibrated:
+        print(f"activation ranges the checkpoint had no calibration for: min/max over {calibrated['samples']} "
+              f"training images (as anybit mixed sets them)")
     print(format_table(["precision", "top-1 %", "loss"], [[label, result["accuracy"], f"{result['loss']:.4f}"]]))
     print(f"wrote {path}")
     return 0
+
+
+def _check_ptq_bits(model, bits: list[int]) -> None:
+    from anybit import mixed
+
+    missing = [b for b in bits if mixed.needs_calibration(model, [b])]
+    if missing:
+        raise CLIError(f"this checkpoint was calibrated by anybit ptq; its activations have no calibrated range at "
+                       f"{missing} bits. Evaluate it as saved (leave out --bits), evaluate a bit map from anybit "
+                       f"mixed (--bit-map, calibrated here), or calibrate those bit-widths with anybit ptq")
+
+
+def eval_out_dir(args: argparse.Namespace) -> Path:
+    """Where eval writes: CHECKPOINT_DIR/eval (each eval replaces the last), or ``--out``, which must not
+    be the checkpoint's directory nor hold another command's output."""
+    if not args.out:
+        return checkpoint_paths(args.checkpoint)[0].parent / "eval"
+    out = Path(args.out)
+    check_not_input(out, checkpoint_paths(args.checkpoint))
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
+    if out.is_dir() and ((out / "model.safetensors").exists() or (out / "state").exists()
+                         or _recorded_command(out) not in (None, "eval")):
+        raise CLIError(f"--out {out} holds the output of another anybit command; eval would overwrite its "
+                       f"run.json. Give another --out (or leave it out: CHECKPOINT_DIR/eval)")
+    return out
+
+
+def _recorded_command(out: Path) -> str | None:
+    try:
+        return json.loads((out / "run.json").read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:
@@ -208,10 +261,3 @@ def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:
             loaded[t] = anybit.load(directory / members[str(t)]).to(device)
         chosen[b] = loaded[t]
     return chosen
-
-
-def _check_fits(model, dataset) -> None:
-    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
-    if classes is not None and classes != dataset.num_classes:
-        raise CLIError(f"the checkpoint predicts {classes} classes but {dataset.name} has {dataset.num_classes}; "
-                       f"evaluate it on the dataset it was trained for")

@@ -17,7 +17,9 @@ from anybit.quant import FLOAT_BITS, QuantSpec, check_bits, precision, quant_lay
 from anybit.report import RunRecorder, format_table
 
 from .common import (
+    MIXED_CALIB_SIZE,
     CLIError,
+    check_model_fits,
     add_data_args,
     add_run_args,
     add_test_subset_arg,
@@ -69,8 +71,9 @@ def add_parser(subparsers) -> None:
                    help="per-layer calibration for each option: none (multi-bit networks run at any bit-width "
                         "as they are), minmax (activation ranges from min/max, for post-training quantization), "
                         "auto: minmax when the model has uncalibrated activation ranges (default: %(default)s)")
-    p.add_argument("--calib-size", type=positive_int, default=512,
-                   help="calibration samples from the train split (default: %(default)s)")
+    p.add_argument("--calib-size", type=positive_int,
+                   help=f"calibration samples from the train split (default: {MIXED_CALIB_SIZE}, or the whole split if "
+                        f"it is smaller)")
     add_test_subset_arg(p)
     p.add_argument("--pin-first-last", type=int, default=8,
                    help="for a float checkpoint (converted here, per-channel asymmetric weights): bit-width of "
@@ -142,8 +145,7 @@ def _load_model(args: argparse.Namespace, device):
             anybit.convert(model, QuantSpec(weight="asymmetric", weight_per_channel=True,
                                             keep_first_last=args.pin_first_last))
         converted_here = True
-    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
-    return model, converted_here, classes
+    return model, converted_here
 
 
 def _evaluate(model, loader, device, quiet, desc) -> dict:
@@ -165,22 +167,22 @@ def run(args: argparse.Namespace) -> int:
     meta = anybit.read_metadata(args.run)
     _check_allocatable(meta, args.run)
     name, data_options = dataset_from_metadata(args, meta)
-    out = prepare_out_dir(args.out, args.overwrite)
+    out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.run))
     recorder = RunRecorder(out, "mixed", {
         "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
         "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
-        "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup, "calib_size": args.calib_size,
+        "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup,
+        "calib_size": args.calib_size,
         "test_size": args.test_subset, "dataset": name, "dataset_options": data_options,
         "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
 
     with recorder.timed("load"):
-        model, converted_here, classes = _load_model(args, device)
+        model, converted_here = _load_model(args, device)
         train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
         test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
-        if classes is not None and classes != test_set.num_classes:
-            raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
-                           f"use the dataset it was trained for (--dataset)")
-        calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed)
+        check_model_fits(model, test_set)
+        calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
+        args.calib_size = recorder.data["config"]["calib_size"] = len(calib)
         test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
         test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
         batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),

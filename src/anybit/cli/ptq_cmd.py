@@ -9,12 +9,14 @@ import time
 import anybit
 from anybit import data as anydata
 from anybit import ptq
+from anybit.checkpoint import checkpoint_paths
 from anybit.evaluation import evaluate
 from anybit.quant import check_bits
 from anybit.report import RunRecorder, format_table
 
 from .common import (
     CLIError,
+    check_model_fits,
     add_run_args,
     add_test_subset_arg,
     non_negative_int,
@@ -36,6 +38,9 @@ def _bits_or_none(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a bit-width (1..16, 32) or 'none'") from None
 
 
+CALIB_SIZE = 1000
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "ptq", help="post-training quantization: calibrate a trained model to low precision",
@@ -48,8 +53,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder or synthetic "
                                      "(default: the checkpoint's own)")
     p.add_argument("--data-dir", help="directory holding the dataset (default: $ANYBIT_DATA, then system paths)")
-    p.add_argument("--calib-size", type=positive_int, default=1000,
-                   help="calibration samples drawn from the train split (default: %(default)s)")
+    p.add_argument("--calib-size", type=positive_int,
+                   help=f"calibration samples drawn from the train split (default: {CALIB_SIZE}, or the whole "
+                        f"split if it is smaller)")
     p.add_argument("--w-bits", type=int, default=4, help="weight bits, 1..16 or 32 (default: %(default)s)")
     p.add_argument("--a-bits", type=int, default=4, help="activation bits, 1..16 or 32 (default: %(default)s)")
     p.add_argument("--pipeline", choices=list(ptq.PIPELINES), default="advanced",
@@ -74,7 +80,8 @@ def add_parser(subparsers) -> None:
                    help="light/advanced: allocate bits per layer by integer programming (anybit.mixed) within "
                         "this fraction of the float model's weight size (--metric size) or BOPs; without it "
                         "every layer runs at --w-bits/--a-bits")
-    p.add_argument("--metric", choices=["size", "bops"], default="size", help="what --budget limits (default: %(default)s)")
+    p.add_argument("--metric", choices=["size", "bops"], default="size",
+                   help="what --budget limits (default: %(default)s)")
     p.add_argument("--bit-options", default="2,3,4,8", help="bit-widths --budget chooses from (default: %(default)s)")
     add_test_subset_arg(p)
     p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (default: %(default)s)")
@@ -120,13 +127,11 @@ def run(args: argparse.Namespace) -> int:
     ptq.check_quantizable(model)
     train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
     test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
-    classes = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("num_classes")
-    if classes is not None and classes != test_set.num_classes:
-        raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {test_set.num_classes}; "
-                       f"use the dataset it was trained for (--dataset)")
-    calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed)
+    check_model_fits(model, test_set)
+    calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=CALIB_SIZE)
+    args.calib_size = len(calib)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
-    out = prepare_out_dir(args.out, args.overwrite)
+    out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.checkpoint))
 
     recorder = RunRecorder(out, "ptq", {
         "checkpoint": str(args.checkpoint), "dataset": name, "dataset_options": data_options,
