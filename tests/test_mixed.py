@@ -159,9 +159,13 @@ def test_bad_arguments_are_clear_errors():
     other = mixed.CostModel("size", cm.layers[:-1], cm.options, cm.cost[:-1], 0, cm.float_cost)
     with pytest.raises(mixed.MixedPrecisionError, match="different layers"):
         mixed.allocate(sens, other, 0.2)
-    with pytest.raises(mixed.MixedPrecisionError):
+    with pytest.raises(mixed.MixedPrecisionError, match="STOP >= START"):
         mixed.parse_sweep("0.3:0.1:0.02")
+    for bad in ("0.1:0.2", "a:b:c", "0.1,x", ""):
+        with pytest.raises(mixed.MixedPrecisionError, match="is not START:STOP:STEP"):
+            mixed.parse_sweep(bad)
     assert mixed.parse_sweep("0.10:0.30:0.05") == [0.1, 0.15, 0.2, 0.25, 0.3]
+    assert mixed.parse_sweep("0.1, 0.2") == [0.1, 0.2]
     assert mixed.resolve_options("8,2,4") == [(2, 2), (4, 4), (8, 8)]
     assert mixed.resolve_options([2, 4], a_bits=8) == [(2, 8), (4, 8)]
 

@@ -107,6 +107,14 @@ def test_mixed_cli_errors_exit_2(multibit_run, tmp_path, capsys):
     assert "anybit ptq" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
+def test_mixed_cli_cache_must_be_a_file_path(multibit_run, tmp_path, capsys):
+    for cache in (tmp_path, tmp_path / "missing" / "c.json"):
+        assert main(["mixed", str(multibit_run), "--budget", "0.2", "--cache", str(cache),
+                     "--out", str(tmp_path / "o")]) == 2
+        assert "must be a file path in an existing directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_mixed_cli_float_checkpoint_uses_minmax_calibration(tmp_path):
     """A float checkpoint is converted (per-channel asymmetric, first/last pinned) and calibrated per option."""
     torch.manual_seed(1)

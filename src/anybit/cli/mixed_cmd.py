@@ -101,6 +101,9 @@ def _validate(args: argparse.Namespace) -> dict:
                        "--solver greedy")
     if args.cache and args.no_cache:
         raise CLIError("--cache and --no-cache contradict each other: choose one")
+    if args.cache and (Path(args.cache).is_dir() or not Path(args.cache).resolve().parent.is_dir()):
+        raise CLIError(f"--cache {args.cache} must be a file path in an existing directory (the sensitivity "
+                       f"cache, JSON), not a directory")
     sweep = mixed.parse_sweep(args.sweep) if args.sweep else []
     if any(b > 1 for b in sweep):
         raise CLIError(f"--sweep {args.sweep} goes above 1 (the float model's cost); keep budgets in (0, 1]")

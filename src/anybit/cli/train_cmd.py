@@ -19,6 +19,7 @@ from .common import (
     add_data_args,
     add_run_args,
     add_test_subset_arg,
+    non_negative_int,
     positive_int,
     prepare_out_dir,
     resolve_device,
@@ -59,18 +60,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coreset-fraction", type=float,
                    help="share of the data each bit-width sees per epoch (default: 0.2 for emqnet; 1 = off)")
     p.add_argument("--coreset-score", default="el2n", help=f"{', '.join(CORESET_SCORES)} (default: %(default)s)")
-    p.add_argument("--coreset-refresh", type=int, default=0, metavar="R",
+    p.add_argument("--coreset-refresh", type=non_negative_int, default=0, metavar="R",
                    help="re-score every R epochs (default: 0, scored once)")
-    p.add_argument("--coreset-warmup", type=int, default=1, metavar="E",
+    p.add_argument("--coreset-warmup", type=non_negative_int, default=1, metavar="E",
                    help="epochs on random subsets before the first scoring: an untrained network's "
                         "scores say little (default: 1)")
-    p.add_argument("--final-bn-batches", type=int, default=20, metavar="N",
+    p.add_argument("--final-bn-batches", type=non_negative_int, default=20, metavar="N",
                    help="after the last epoch, re-estimate BatchNorm statistics over N training batches per "
                         "bit-width, all bit-widths weighted equally; 0 = keep the momentum averages training "
                         "left (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=1, metavar="E",
+    p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="E",
                    help="evaluate on the test split every E epochs; 0 = at the end only (default: 1)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     add_run_args(p)
     p.set_defaults(func=run)

@@ -21,19 +21,19 @@ def parse_sweep(text: str) -> list[float]:
     """Budgets from ``"START:STOP:STEP"`` (STOP included), e.g. ``"0.10:0.30:0.02"``, or ``"0.1,0.15,0.2"``."""
     text = str(text).strip()
     try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if step <= 0 or stop < start:
-                raise MixedPrecisionError(f"sweep {text!r}: need STEP > 0 and STOP >= START")
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(count)]
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
+        parts = [float(p) for p in text.split(":" if ":" in text else ",") if p.strip()]
     except ValueError:
-        raise MixedPrecisionError(f"sweep {text!r} is not START:STOP:STEP (e.g. 0.10:0.30:0.02) or a comma list") from None
+        parts = []
+    if not parts or (":" in text and len(parts) != 3):
+        raise MixedPrecisionError(f"sweep {text!r} is not START:STOP:STEP (e.g. 0.10:0.30:0.02) or a comma list")
+    if ":" in text:
+        start, stop, step = parts
+        if step <= 0 or stop < start:
+            raise MixedPrecisionError(f"sweep {text!r}: need STEP > 0 and STOP >= START")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        values = [round(start + i * step, 10) for i in range(count)]
+    else:
+        values = parts
     if not values or any(not (v > 0) for v in values):
         raise MixedPrecisionError(f"sweep {text!r}: budgets must be positive fractions of the float model's cost")
     if len(values) > 200:
