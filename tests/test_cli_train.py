@@ -46,6 +46,10 @@ def test_train_writes_every_output_and_eval_reads_it(anyprecision_run, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--bits", "1-4,32", "--quiet"]) == 2
     assert "--recalibrate-bn" in capsys.readouterr().err
+    assert main(["eval", str(out), "--bits", "1-4,32", "--quiet", "--recalibrate-batches", "2"]) == 2
+    assert "add --recalibrate-bn or drop it" in capsys.readouterr().err
+    assert main(["eval", str(out), "--bit-map", "x.json", "--quiet", "--recalibrate-bn"]) == 2
+    assert "not to a --bit-map" in capsys.readouterr().err
     assert main(["eval", str(out), "--bits", "1-4,32", "--quiet", "--recalibrate-bn",
                  "--recalibrate-batches", "2"]) == 0
     printed = capsys.readouterr().out

@@ -100,6 +100,8 @@ def test_mixed_cli_errors_exit_2(multibit_run, tmp_path, capsys):
     assert "no anybit checkpoint" in capsys.readouterr().err
     assert main(base + ["--budget", "0.2", "--solver", "greedy", "--candidates", "3", "--out", str(tmp_path / "f")]) == 2
     assert "--candidates" in capsys.readouterr().err
+    assert main(base + ["--sweep", "0.2:0.3:0.1", "--candidates", "3", "--out", str(tmp_path / "f")]) == 2
+    assert "does not apply to --sweep alone" in capsys.readouterr().err
     # A run trained at 32 bits only has no trained low-precision members to allocate: ptq is the way.
     anybit.save(anybit.load(multibit_run), tmp_path / "float-only" / "model",
                 data=anybit.read_metadata(multibit_run)["metadata"]["data"], method="emqnet", bits_trained=[32])

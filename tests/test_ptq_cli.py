@@ -180,6 +180,15 @@ def test_output_over_the_input_checkpoint_is_refused(checkpoint, tmp_path, capsy
     assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--metric", "bops"], "--metric: only for the per-layer allocation of --budget"),
+    (["--bit-options", "2,4"], "--bit-options: only for the per-layer allocation of --budget"),
+])
+def test_allocation_options_without_a_budget_are_refused(checkpoint, tmp_path, capsys, extra, message):
+    assert main(["ptq", str(checkpoint), "--pipeline", "light", *extra, "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_default_calibration_size_shrinks_to_a_small_split(checkpoint, tmp_path):
     out = tmp_path / "out"
     assert main(["ptq", str(checkpoint), "--pipeline", "rtn", "--batch-size", "32", "--quiet", "--out", str(out)]) == 0

@@ -50,8 +50,8 @@ def add_parser(subparsers) -> None:
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "
                         "nearest trained one) and re-estimate its statistics on training data; shared-BN "
                         "models: re-estimate the shared statistics at each evaluated bit-width")
-    p.add_argument("--recalibrate-batches", type=positive_int, default=20, metavar="N",
-                   help="batches of training data for BN re-calibration (default: %(default)s)")
+    p.add_argument("--recalibrate-batches", type=positive_int, metavar="N",
+                   help=f"with --recalibrate-bn: batches of training data for it (default: {RECALIBRATE_BATCHES})")
     p.add_argument("--bit-map", metavar="FILE",
                    help="evaluate once at a per-layer bit map (bitmap.json written by anybit mixed) "
                         "instead of at uniform --bits")
@@ -74,6 +74,9 @@ def dataset_from_metadata(args: argparse.Namespace, meta: dict) -> tuple[str, di
     return name, options
 
 
+RECALIBRATE_BATCHES = 20
+
+
 def switchable_bn_bits(meta: dict) -> list[int] | None:
     """Bit-widths with their own BatchNorm (switchable-BN checkpoints), else None."""
     spec = meta.get("model", {}).get("quant_spec") or {}
@@ -84,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
     if args.bit_map and args.bits is not None:
         raise CLIError("--bit-map and --bits contradict each other: a bit map sets every layer's precision; "
                        "give one of them")
+    if args.recalibrate_batches is not None and not args.recalibrate_bn:
+        raise CLIError("--recalibrate-batches sets how --recalibrate-bn re-estimates statistics; add "
+                       "--recalibrate-bn or drop it")
+    if args.bit_map and args.recalibrate_bn:
+        raise CLIError("--recalibrate-bn applies to uniform --bits, not to a --bit-map; drop one of them")
+    args.recalibrate_batches = args.recalibrate_batches or RECALIBRATE_BATCHES
     bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
     meta = anybit.read_metadata(args.checkpoint)
     if args.bit_map or (args.bits is None and meta.get("metadata", {}).get("ptq")):

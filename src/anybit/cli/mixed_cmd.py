@@ -96,6 +96,9 @@ def _validate(args: argparse.Namespace) -> dict:
         raise CLIError("--max-loss applies to --objective cost only")
     if args.solver == "greedy" and args.objective == "cost":
         raise CLIError("--solver greedy minimises the loss within --budget; use --solver ip with --objective cost")
+    if args.candidates > 1 and args.budget is None and args.objective == "loss":
+        raise CLIError("--candidates re-ranks the allocations for one --budget; it does not apply to --sweep "
+                       "alone: add --budget F or drop --candidates")
     if args.candidates > 1 and args.solver == "greedy":
         raise CLIError("--candidates re-ranks the integer program's best allocations; it does not apply to "
                        "--solver greedy")

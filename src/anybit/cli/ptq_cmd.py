@@ -80,9 +80,8 @@ def add_parser(subparsers) -> None:
                    help="light/advanced: allocate bits per layer by integer programming (anybit.mixed) within "
                         "this fraction of the float model's weight size (--metric size) or BOPs; without it "
                         "every layer runs at --w-bits/--a-bits")
-    p.add_argument("--metric", choices=["size", "bops"], default="size",
-                   help="what --budget limits (default: %(default)s)")
-    p.add_argument("--bit-options", default="2,3,4,8", help="bit-widths --budget chooses from (default: %(default)s)")
+    p.add_argument("--metric", choices=["size", "bops"], help="what --budget limits (default: size)")
+    p.add_argument("--bit-options", help="bit-widths --budget chooses from (default: 2,3,4,8)")
     add_test_subset_arg(p)
     p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (default: %(default)s)")
     add_run_args(p)
@@ -94,6 +93,11 @@ def _config(args: argparse.Namespace) -> ptq.PTQConfig:
     check_bits(args.a_bits, "--a-bits")
     if args.keep_first_last is not None:
         check_bits(args.keep_first_last, "--keep-first-last")
+    given = [flag for flag, value in (("--metric", args.metric), ("--bit-options", args.bit_options)) if value]
+    if given and args.budget is None:
+        raise CLIError(f"{' and '.join(given)}: only for the per-layer allocation of --budget; add --budget F "
+                       f"or drop {' and '.join(given)}")
+    args.metric, args.bit_options = args.metric or "size", args.bit_options or "2,3,4,8"
     if args.budget is not None:
         if args.pipeline not in ("light", "advanced"):
             raise CLIError(f"--budget allocates bits in the light and advanced pipelines, not in {args.pipeline!r}")
