@@ -228,3 +228,13 @@ def test_eval_of_a_ptq_checkpoint_at_other_precisions(checkpoint, tmp_path, caps
     assert record["config"]["calibrated"] == {"activation_ranges": "min/max", "samples": 96}
     # the same min/max ranges over the same images as anybit mixed: the same accuracy it measured
     assert record["metrics"]["bit_map"]["accuracy"] == pytest.approx(measured["allocation"]["test"]["top1"])
+
+
+def test_data_options_for_a_checkpoint_that_records_no_dataset(checkpoint, tmp_path):
+    bare = tmp_path / "bare" / "model"
+    anybit.save(anybit.load(checkpoint), bare)   # saved from Python without data=
+    options = [a for key, value in DATA["options"].items() for a in ("--data-option", f"{key}={value}")]
+    out = tmp_path / "out"
+    assert main(["ptq", str(bare.parent), "--pipeline", "rtn", "--dataset", "synthetic", *options,
+                 "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["dataset_options"] == DATA["options"]

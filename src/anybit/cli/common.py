@@ -24,6 +24,11 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: %(default)s)")
 
 
+def add_data_option_arg(p: argparse.ArgumentParser, default_text: str) -> None:
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"dataset option, repeatable (e.g. image_size=28; {default_text})")
+
+
 def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--out", required=out_required, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -21,6 +21,7 @@ from .common import (
     check_model_fits,
     check_not_input,
     add_data_args,
+    add_data_option_arg,
     add_device_args,
     add_test_subset_arg,
     positive_int,
@@ -43,8 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bits", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: 1-8,32; for a checkpoint "
                                   "written by anybit ptq, the precision it was calibrated at)")
     add_data_args(p)
-    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset option, repeatable (default: the options recorded at training)")
+    add_data_option_arg(p, "default: the options the checkpoint records")
     add_test_subset_arg(p)
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "

@@ -21,6 +21,7 @@ from .common import (
     CLIError,
     check_model_fits,
     add_data_args,
+    add_data_option_arg,
     add_run_args,
     add_test_subset_arg,
     positive_int,
@@ -81,6 +82,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", help="sensitivity cache file (default: RUN_DIR/mixed-cache/sensitivity-<settings>.json)")
     p.add_argument("--no-cache", action="store_true", help="measure sensitivities again and do not cache them")
     add_data_args(p)
+    add_data_option_arg(p, "default: the options the checkpoint records")
     add_run_args(p)
     p.set_defaults(func=run)
 

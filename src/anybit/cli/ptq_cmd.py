@@ -16,6 +16,7 @@ from anybit.report import RunRecorder, format_table
 
 from .common import (
     CLIError,
+    add_data_option_arg,
     check_model_fits,
     add_run_args,
     add_test_subset_arg,
@@ -53,6 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder or synthetic "
                                      "(default: the checkpoint's own)")
     p.add_argument("--data-dir", help="directory holding the dataset (default: $ANYBIT_DATA, then system paths)")
+    add_data_option_arg(p, "default: the options the checkpoint records")
     p.add_argument("--calib-size", type=positive_int,
                    help=f"calibration samples drawn from the train split (default: {CALIB_SIZE}, or the whole "
                         f"split if it is smaller)")

@@ -17,6 +17,7 @@ from anybit.train.trainer import check_same_config
 from .common import (
     CLIError,
     add_data_args,
+    add_data_option_arg,
     add_run_args,
     add_test_subset_arg,
     non_negative_int,
@@ -40,8 +41,7 @@ def add_parser(subparsers) -> None:
                                                        "(default: %(default)s)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the CIFAR ResNets (default: 1)")
     add_data_args(p)
-    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset option, repeatable (e.g. image_size=28; synthetic: num_samples=512)")
+    add_data_option_arg(p, "synthetic: num_samples=512")
     p.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N samples")
     add_test_subset_arg(p)
     p.add_argument("--bits", default="1,2,4,8,32", help="bit-widths to train (default: %(default)s)")
