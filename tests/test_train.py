@@ -243,6 +243,9 @@ def test_resume_reaches_the_same_weights_and_metrics(datasets, tmp_path):
 
     assert untimed(result["final"]) == untimed(expected["final"])
     assert result["samples"] == expected["samples"]
+    # fit time covers the epochs before the interruption too
+    seconds = [sum(r["seconds"].values()) for r in result["history"]]
+    assert result["timings_s"]["fit"] >= sum(seconds) > sum(seconds[1:])
     a, b = full.models.state_dict(), resumed.models.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The coreset was used: half the data per bit-width, subsets that differ, teacher forwards counted.

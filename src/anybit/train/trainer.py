@@ -122,6 +122,9 @@ class MultiBitTrainer:
                 record["seconds"]["eval"] = self._timed_eval(record)
             self.history.append(record)
             self.epoch = epoch + 1
+            now = time.perf_counter()
+            self.add_time("fit", now - start)   # per epoch, so that the saved state carries it across --resume
+            start = now
             self._end_epoch(record)
         self.add_time("fit", time.perf_counter() - start)
         self.final = self._final_metrics()
