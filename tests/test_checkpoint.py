@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -180,6 +181,25 @@ def test_corrupt_or_foreign_sidecar(tmp_path):
     sidecar.write_text(json.dumps({"format": "anybit-checkpoint", "format_version": 99}))
     with pytest.raises(CheckpointError, match="upgrade"):
         anybit.read_metadata(path)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["precision"].update({next(iter(d["precision"])): "abc"}), "'precision."),
+    (lambda d: d["model"].update(quant_spec="bogus"), "'model.quant_spec'"),
+    (lambda d: d["model"].update(arch_kwargs="big"), "'model.arch_kwargs'"),
+    (lambda d: d.update(metadata={"data": {"dataset": "synthetic", "options": "x"}}), "'metadata.data'"),
+    (lambda d: d.update(metadata={"method": ["a"]}), "'metadata.method'"),
+    (lambda d: d.update(precision=[1, 2]), "'precision'"),
+])
+def test_hand_edited_sidecar_with_wrong_types_is_a_clear_error(tmp_path, edit, field):
+    path = _saved(tmp_path)
+    sidecar = tmp_path / "m.json"
+    data = json.loads(sidecar.read_text())
+    assert data["precision"] and "quant_spec" in data["model"]
+    edit(data)
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"is corrupt: {re.escape(field)}"):
+        anybit.load(path)
 
 
 @pytest.mark.parametrize("other", [dict(name="resnet32"), dict(name="resnet20", width=2)])

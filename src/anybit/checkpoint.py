@@ -129,7 +129,36 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{sidecar_path} has format version {sidecar['format_version']}, newer than this anybit "
             f"reads ({FORMAT_VERSION}); upgrade anybit"
         )
+    _check_sidecar_types(sidecar, sidecar_path)
     return sidecar
+
+
+def _check_sidecar_types(sidecar: dict, path: Path) -> None:
+    """The fields anybit reads have the types it wrote (a hand-edited sidecar fails here, not deep inside)."""
+    def bad(field: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt: {field} must be {expected}; re-save the checkpoint "
+                               f"(anybit.save) or restore the file")
+
+    model, meta = sidecar.get("model", {}), sidecar.get("metadata", {})
+    for field, value in (("'model'", model), ("'metadata'", meta), ("'precision'", sidecar.get("precision", {})),
+                         ("'switchable_bn'", sidecar.get("switchable_bn", {}))):
+        if not isinstance(value, dict):
+            raise bad(field, "an object")
+    for key in ("quant_spec", "arch_kwargs"):
+        if key in model and not isinstance(model[key], dict):
+            raise bad(f"'model.{key}'", "an object")
+    if "arch" in model and not isinstance(model["arch"], str):
+        raise bad("'model.arch'", "a string")
+    for name, pair in sidecar.get("precision", {}).items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(b) is int for b in pair)):
+            raise bad(f"'precision.{name}'", "[weight bits, activation bits]")
+    data = meta.get("data", {})
+    if not isinstance(data, dict) or not isinstance(data.get("options", {}), dict):
+        raise bad("'metadata.data'", '{"dataset": NAME, "options": {...}}')
+    if not isinstance(meta.get("method", ""), str):
+        raise bad("'metadata.method'", "a string")
+    if not isinstance(meta.get("bits_trained", []), list):
+        raise bad("'metadata.bits_trained'", "a list of bit-widths")
 
 
 def _build(sidecar: dict, path) -> nn.Module:
