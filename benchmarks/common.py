@@ -33,6 +33,20 @@ from anybit.report import environment, format_table  # noqa: E402
 from anybit.train import shared_bn_recalibrated  # noqa: E402
 
 
+def load_data(args) -> tuple:
+    """(train, un-augmented train for calibration, test) from ``args.dataset``/``data_dir``/``image_size``,
+    with the fixed random ``train_subset``/``test_subset`` (0 = all) the benchmarks use."""
+    options = {"image_size": args.image_size} if args.image_size else {}
+    train = anybit.data.load(args.dataset, "train", data_dir=args.data_dir, **options)
+    calib = anybit.data.load(args.dataset, "train", data_dir=args.data_dir, augment=False, **options)
+    test = anybit.data.load(args.dataset, "test", data_dir=args.data_dir, **options)
+    if args.train_subset:
+        train, calib = train.subset(args.train_subset, seed=args.seed), calib.subset(args.train_subset, seed=args.seed)
+    if args.test_subset:
+        test = test.subset(args.test_subset, seed=args.seed)
+    return train, calib, test
+
+
 def bn_reestimated_accuracy(model, calib_loader, test_loader, bits: Iterable[int], device,
                             batches: int = 20) -> dict[str, float]:
     """Test top-1 of a shared-BN model at each of ``bits`` with its BatchNorm statistics re-estimated at

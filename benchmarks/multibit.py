@@ -28,6 +28,7 @@ from common import (
     apply_preset,
     command_line,
     fmt,
+    load_data,
     markdown_table,
     mean,
     write_markdown,
@@ -83,19 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown methods {unknown}: expected some of {', '.join(METHODS)}")
     return args
-
-
-def load_data(args):
-    options = {"image_size": args.image_size} if args.image_size else {}
-    load = anybit.data.load
-    train = load(args.dataset, "train", data_dir=args.data_dir, **options)
-    calib = load(args.dataset, "train", data_dir=args.data_dir, augment=False, **options)
-    test = load(args.dataset, "test", data_dir=args.data_dir, **options)
-    if args.train_subset:
-        train, calib = train.subset(args.train_subset, args.seed), calib.subset(args.train_subset, args.seed)
-    if args.test_subset:
-        test = test.subset(args.test_subset, args.seed)
-    return train, calib, test
 
 
 def run_method(method: str, args, train, calib, test) -> dict:

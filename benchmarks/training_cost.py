@@ -29,7 +29,7 @@ from anybit.models import create
 from anybit.report import environment, format_table
 from anybit.train import MultiBitTrainer, TrainConfig
 from anybit.train.coreset import BitwiseCoresetSampler
-from common import bn_reestimated_accuracy  # benchmarks/common.py, next to this script
+from common import bn_reestimated_accuracy, load_data  # benchmarks/common.py, next to this script
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -97,18 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown runs {unknown}: expected some of {', '.join(RUNS)}")
     args.mode = "full" if args.full else "quick" if args.quick else "custom"
     return args
-
-
-def load_data(args):
-    options = {"image_size": args.image_size} if args.image_size else {}
-    train = anybit.data.load(args.dataset, "train", data_dir=args.data_dir, **options)
-    calib = anybit.data.load(args.dataset, "train", data_dir=args.data_dir, augment=False, **options)
-    test = anybit.data.load(args.dataset, "test", data_dir=args.data_dir, **options)
-    if args.train_subset:
-        train, calib = train.subset(args.train_subset, seed=args.seed), calib.subset(args.train_subset, seed=args.seed)
-    if args.test_subset:
-        test = test.subset(args.test_subset, seed=args.seed)
-    return train, calib, test
 
 
 def build_run(name: str, args, train):

@@ -135,10 +135,7 @@ def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = Fal
     succeeds: until then the old contents are kept aside, and they come back if it fails
     (:func:`close_out_dirs`). A directory that is or holds one of ``inputs`` is refused.
     """
-    out = Path(path)
-    check_not_input(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
+    out = check_out_path(path, inputs)
     if overwrite and resume:
         raise CLIError("--overwrite and --resume contradict each other: choose one")
     made_here, replaced = not out.exists(), None
@@ -159,14 +156,18 @@ def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = Fal
     return out
 
 
-def check_not_input(out: Path, inputs) -> None:
-    """Refuse an output directory that is, or contains, one of the command's inputs."""
+def check_out_path(path: str | os.PathLike, inputs=()) -> Path:
+    """``--out`` as a Path: refused if it is a file, or is or contains one of the command's ``inputs``."""
+    out = Path(path)
     resolved = out.resolve()
     for item in inputs:
         source = Path(item).resolve()
         if source == resolved or resolved in source.parents:
             raise CLIError(f"--out {out} holds this command's input {item}; writing there would replace it. "
                            f"Give another --out")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
+    return out
 
 
 def _check_replaceable(out: Path) -> None:

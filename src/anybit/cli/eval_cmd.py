@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anybit
 from anybit import data as anydata
+from anybit import mixed
 from anybit.checkpoint import checkpoint_paths
 from anybit.evaluation import evaluate
 from anybit.quant import parse_bit_list, precision
@@ -19,7 +20,7 @@ from .common import (
     MIXED_CALIB_SIZE,
     CLIError,
     check_model_fits,
-    check_not_input,
+    check_out_path,
     add_data_args,
     add_data_option_arg,
     add_device_args,
@@ -177,8 +178,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     """``anybit eval --bit-map FILE`` (or a PTQ checkpoint as saved): accuracy at one per-layer precision."""
-    from anybit import mixed
-
     device = resolve_device(args.device)
     seed_everything(args.seed)
     if meta.get("metadata", {}).get("members"):
@@ -220,8 +219,6 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
 
 
 def _check_ptq_bits(model, bits: list[int]) -> None:
-    from anybit import mixed
-
     missing = [b for b in bits if mixed.needs_calibration(model, [b])]
     if missing:
         raise CLIError(f"this checkpoint was calibrated by anybit ptq; its activations have no calibrated range at "
@@ -234,10 +231,7 @@ def eval_out_dir(args: argparse.Namespace) -> Path:
     be the checkpoint's directory nor hold another command's output."""
     if not args.out:
         return checkpoint_paths(args.checkpoint)[0].parent / "eval"
-    out = Path(args.out)
-    check_not_input(out, checkpoint_paths(args.checkpoint))
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
+    out = check_out_path(args.out, checkpoint_paths(args.checkpoint))
     if out.is_dir() and ((out / "model.safetensors").exists() or (out / "state").exists()
                          or _recorded_command(out) not in (None, "eval")):
         raise CLIError(f"--out {out} holds the output of another anybit command; eval would overwrite its "
