@@ -297,6 +297,10 @@ def notes(report: dict) -> list[str]:
                 "bit-width). The lower bit-widths learn only from their teacher's soft labels, and a teacher that "
                 "has itself taken a few hundred steps is a poor one; on short coreset runs `--distill none` is "
                 "the better choice.", ""]
+    if any(run.get("avg_accuracy_bn_reestimated") for run in runs.values()):
+        out += ["- avg % minus the BN re-est. column is what the one shared set of BatchNorm statistics costs; at "
+                "1 bit the misfit comes from the binarised weights (alone they misfit as much as with the activations), "
+                "which weight bias correction does not align (measured in [benchmarks-bn-statistics.md](benchmarks-bn-statistics.md)).", ""]
     return out
 
 
