@@ -44,8 +44,9 @@ from common import (
 
 import anybit  # noqa: E402  (common puts src/ on the path)
 from anybit.data import make_loader  # noqa: E402
-from anybit.evaluation import evaluate  # noqa: E402
+from anybit.evaluation import evaluate_bits  # noqa: E402
 from anybit.models import create  # noqa: E402
+from anybit.quant import SwitchableBatchNorm  # noqa: E402
 from anybit.report import environment  # noqa: E402
 from anybit.train import MultiBitTrainer, TrainConfig, reestimate_bn  # noqa: E402
 
@@ -140,11 +141,21 @@ def mismatch(model: nn.Module, images: torch.Tensor, settings: dict, batch_size:
 
 
 def accuracy_at(model, test_loader, bits, device) -> dict[str, float]:
-    out = {}
-    for b in bits:
-        with anybit.precision(model, b):
-            out[str(b)] = evaluate(model, test_loader, device, quiet=True)["accuracy"]
-    return out
+    return {str(b): r["accuracy"] for b, r in evaluate_bits(model, test_loader, bits, device, quiet=True).items()}
+
+
+def load_shared_bn_model(path: str, device) -> nn.Module:
+    """A trained emqnet checkpoint, or a clear exit: this analysis needs one shared set of BatchNorms."""
+    try:
+        model = anybit.load(path).to(device)
+    except (anybit.checkpoint.CheckpointError, OSError) as e:
+        raise SystemExit(f"--checkpoint {path}: {e}") from None
+    if any(isinstance(m, SwitchableBatchNorm) for m in model.modules()):
+        raise SystemExit(f"--checkpoint {path} has one BatchNorm per bit-width (anyprecision): nothing is shared; "
+                         "give an emqnet checkpoint")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SystemExit(f"--checkpoint {path} has no BatchNorm: there are no statistics to compare")
+    return model
 
 
 def main(argv=None) -> dict:
@@ -152,7 +163,7 @@ def main(argv=None) -> dict:
     with Stopwatch() as total:
         train, calib, test = load_data(args)
         if args.checkpoint:
-            model, train_s = anybit.load(args.checkpoint).to(args.device), None
+            model, train_s = load_shared_bn_model(args.checkpoint, args.device), None
         else:
             model, train_s = train_model(args, train)
         test_loader = make_loader(test, 256, shuffle=False)
