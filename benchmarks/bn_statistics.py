@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from statistics import median
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from torch import nn
 from common import (
     Stopwatch,
     add_common_args,
+    add_training_run_args,
     apply_preset,
     bn_reestimated_accuracy,
     command_line,
@@ -46,9 +48,8 @@ import anybit  # noqa: E402  (common puts src/ on the path)
 from anybit.data import make_loader  # noqa: E402
 from anybit.evaluation import evaluate_bits  # noqa: E402
 from anybit.models import create  # noqa: E402
-from anybit.quant import SwitchableBatchNorm  # noqa: E402
 from anybit.report import environment  # noqa: E402
-from anybit.train import MultiBitTrainer, TrainConfig, reestimate_bn  # noqa: E402
+from anybit.train import MultiBitTrainer, TrainConfig, bn_bits, reestimate_bn  # noqa: E402
 
 # The training-cost benchmark's quick setting, with the coreset run that trains well in so few steps
 # (hard labels at every bit-width; see benchmarks-training-cost.md).
@@ -65,16 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--checkpoint", help="analyse this trained emqnet checkpoint instead of training one")
-    p.add_argument("--dataset")
-    p.add_argument("--image-size", type=int, help="Fashion-MNIST image size (0 = the dataset's default)")
-    p.add_argument("--model")
-    p.add_argument("--width", type=float)
-    p.add_argument("--bits", help="bit-widths to train and measure")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--train-subset", type=int, help="training samples (0 = all)")
-    p.add_argument("--test-subset", type=int, help="test samples (0 = all)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    add_training_run_args(p, "bit-widths to train and measure")
     p.add_argument("--fraction", type=float, help="coreset fraction per bit-width")
     p.add_argument("--distill", help="recursive, from-top, none")
     p.add_argument("--stat-images", type=int, help="training images the mismatch is measured on")
@@ -150,7 +142,7 @@ def load_shared_bn_model(path: str, device) -> nn.Module:
         model = anybit.load(path).to(device)
     except (anybit.checkpoint.CheckpointError, OSError) as e:
         raise SystemExit(f"--checkpoint {path}: {e}") from None
-    if any(isinstance(m, SwitchableBatchNorm) for m in model.modules()):
+    if bn_bits(model):
         raise SystemExit(f"--checkpoint {path} has one BatchNorm per bit-width (anyprecision): nothing is shared; "
                          "give an emqnet checkpoint")
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -227,7 +219,7 @@ def mismatch_tables(report: dict) -> tuple[str, str]:
         shifts = [row[b]["mean_shift"] for row in layers.values()]
         ratios = [row[b]["var_ratio"] for row in layers.values()]
         misfit = [n for n, row in layers.items() if not FIT[0] <= row[b]["var_ratio"] <= FIT[1]]
-        summary.append([b, fmt(_median(shifts)), fmt(_median(ratios)), fmt(min(ratios)), fmt(max(ratios)),
+        summary.append([b, fmt(median(shifts)), fmt(median(ratios)), fmt(min(ratios)), fmt(max(ratios)),
                         f"{len(misfit)}/{len(layers)}", misfit[0] if misfit else "—"])
     head = ["precision", "median Δmean/std", "median var ratio", "min var ratio", "max var ratio",
             f"BNs off [{FIT[0]}, {FIT[1]}]", "first such BN"]
@@ -235,10 +227,6 @@ def mismatch_tables(report: dict) -> tuple[str, str]:
                  for name, row in layers.items()]
     return (markdown_table(head, summary),
             markdown_table(["BatchNorm"] + [f"{b} Δmean/std / var ratio" for b in bits], per_layer))
-
-
-def _median(values: list[float]) -> float:
-    return float(torch.tensor(values).median())
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -73,6 +73,20 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-doc", action="store_true", help="do not rewrite the docs page")
 
 
+def add_training_run_args(p: argparse.ArgumentParser, bits_help: str) -> None:
+    """The options of a benchmark's training runs; left unset, they come from the preset."""
+    p.add_argument("--dataset")
+    p.add_argument("--image-size", type=int, help="Fashion-MNIST image size, >= 28 (0 = the dataset's default)")
+    p.add_argument("--model")
+    p.add_argument("--width", type=float)
+    p.add_argument("--bits", help=bits_help)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-subset", type=int, help="training samples (0 = all)")
+    p.add_argument("--test-subset", type=int, help="test samples (0 = all)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+
+
 def apply_preset(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
     """Fill options left unset (None) from the ``--full`` preset, else the ``--quick`` one."""
     preset = full if args.full else quick

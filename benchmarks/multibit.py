@@ -24,6 +24,7 @@ import torch
 from common import (
     Stopwatch,
     add_common_args,
+    add_training_run_args,
     bn_reestimated_accuracy,
     apply_preset,
     command_line,
@@ -61,17 +62,8 @@ FULL = dict(dataset="cifar10", image_size=0, model="resnet20", width=5.0, bits="
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
-    p.add_argument("--dataset")
-    p.add_argument("--image-size", type=int, help="Fashion-MNIST image size, >= 28 (0 = the dataset's default)")
-    p.add_argument("--model")
-    p.add_argument("--width", type=float)
-    p.add_argument("--bits", help="trained bit-widths")
+    add_training_run_args(p, "trained bit-widths")
     p.add_argument("--untrained", help="bit-widths evaluated without training at them")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--train-subset", type=int, help="training samples (0 = all)")
-    p.add_argument("--test-subset", type=int, help="test samples (0 = all)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
     p.add_argument("--recalibrate-batches", type=int, help="batches for Any-Precision's BN re-calibration")
     p.add_argument("--final-bn-batches", type=int, default=TrainConfig.final_bn_batches,
                    help="BatchNorm statistics pass after training, batches per bit-width (every method; 0 = off)")

@@ -29,7 +29,7 @@ from anybit.models import create
 from anybit.report import environment, format_table
 from anybit.train import MultiBitTrainer, TrainConfig
 from anybit.train.coreset import BitwiseCoresetSampler
-from common import bn_reestimated_accuracy, load_data  # benchmarks/common.py, next to this script
+from common import add_training_run_args, bn_reestimated_accuracy, load_data  # benchmarks/common.py, next to this script
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -62,17 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small CPU run (the default settings below)")
     mode.add_argument("--full", action="store_true", help="CIFAR-10, 5x width, 200 epochs, on a GPU")
-    p.add_argument("--dataset")
     p.add_argument("--data-dir")
-    p.add_argument("--image-size", type=int, help="Fashion-MNIST image size, >= 28 (0 = the dataset's default)")
-    p.add_argument("--model")
-    p.add_argument("--width", type=float)
-    p.add_argument("--bits")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--train-subset", type=int, help="training samples (0 = all)")
-    p.add_argument("--test-subset", type=int, help="test samples (0 = all)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    add_training_run_args(p, "trained bit-widths")
     p.add_argument("--fraction", type=float, help="coreset fraction per bit-width")
     p.add_argument("--warmup", type=int, help="epochs before the first scoring")
     p.add_argument("--refresh", type=int, help="re-score every R epochs (0 = once)")
