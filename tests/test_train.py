@@ -47,12 +47,13 @@ def trained(datasets):
     """Each method trained once for 3 short epochs (shared by several tests)."""
     train, test = datasets
     runs = {}
-    for method in ("dedicated", "anyprecision", "emqnet"):
+    for name in ("dedicated", "anyprecision", "emqnet", "emqnet-single-set"):
         torch.manual_seed(0)
+        method, _, single = name.partition("-")
         config = TrainConfig(bits=BITS, method=method, epochs=3, batch_size=32, coreset_fraction=1.0
-                             if method != "dedicated" else None)
+                             if method != "dedicated" else None, bn_stats="shared" if single else None)
         trainer = MultiBitTrainer(small_net(), train, test, config, quiet=True)
-        runs[method] = (trainer, trainer.fit())
+        runs[name] = (trainer, trainer.fit())
     return runs
 
 
@@ -114,7 +115,7 @@ def test_anyprecision_untrained_bit_width_needs_recalibration(trained, datasets)
 
 
 def test_shared_bn_recalibration_fits_one_bit_width_and_restores_the_checkpoint(trained, datasets):
-    model = trained["emqnet"][0].model_for(3)
+    model = trained["emqnet-single-set"][0].model_for(3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.cat([datasets[0][i][0][None] for i in range(256)])
     first_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
@@ -134,7 +135,7 @@ def test_shared_bn_recalibration_fits_one_bit_width_and_restores_the_checkpoint(
 
 def test_final_bn_pass_averages_every_bit_width_equally_and_keeps_the_weights(trained, datasets):
     import copy
-    model = copy.deepcopy(trained["emqnet"][0].model_for(32))
+    model = copy.deepcopy(trained["emqnet-single-set"][0].model_for(32))
     weights = {k: v.clone() for k, v in model.named_parameters()}
     mode = model.training
     bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][1]   # after a quantized layer
@@ -225,7 +226,7 @@ def _interrupt_after(epochs: int):
 
 
 def test_resume_reaches_the_same_weights_and_metrics(datasets, tmp_path):
-    """emqnet with a 0.5 coreset (sampler state, per-bit subsets, extra teacher forwards), Adam, step schedule."""
+    """emqnet with a 0.5 coreset (sampler state, per-bit subsets, the teachers' logit memory), Adam, step schedule."""
     train, test = datasets
     config = TrainConfig(bits=(1, 4, 32), method="emqnet", epochs=3, batch_size=32, coreset_fraction=0.5,
                          optimizer="adam", lr=3e-3, schedule="step", coreset_score="el2n")
@@ -248,9 +249,12 @@ def test_resume_reaches_the_same_weights_and_metrics(datasets, tmp_path):
     assert result["timings_s"]["fit"] >= sum(seconds) > sum(seconds[1:])
     a, b = full.models.state_dict(), resumed.models.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # The coreset was used: half the data per bit-width, subsets that differ, teacher forwards counted.
+    # The coreset was used: half the data per bit-width, subsets that differ, the teachers' memory restored.
     last = expected["history"][-1]
-    assert last["bits"]["4"]["samples"] == 128 and last["bits"]["4"]["teacher_samples"] == 128
+    assert last["bits"]["4"]["samples"] == 128
+    for t in (32, 4):
+        assert resumed.memory.known[t].any() and torch.equal(resumed.memory.known[t], full.memory.known[t])
+        assert torch.equal(resumed.memory.logits[t], full.memory.logits[t])
     assert min(last["overlap"].values()) < 1.0
     assert [untimed(r["bits"]) for r in result["history"]] == [untimed(r["bits"]) for r in expected["history"]]
     assert len((tmp_path / "cut" / "log.csv").read_text().splitlines()) == 1 + 3 * 3

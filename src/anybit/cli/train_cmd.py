@@ -10,7 +10,7 @@ from anybit import data as anydata
 from anybit import models
 from anybit.quant import parse_bit_list
 from anybit.train import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, MultiBitTrainer, TrainConfig
-from anybit.train.config import OPTIMIZERS, SCHEDULES
+from anybit.train.config import BN_STATS, BN_UNTRAINED, CORESET_STEPS, OPTIMIZERS, SCHEDULES
 from anybit.train.state import has_state, read_state_header
 from anybit.train.trainer import check_same_config
 
@@ -65,6 +65,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coreset-warmup", type=non_negative_int, default=1, metavar="E",
                    help="epochs on random subsets before the first scoring: an untrained network's "
                         "scores say little (default: 1)")
+    p.add_argument("--coreset-steps", choices=CORESET_STEPS,
+                   help="subset: batches of --batch-size per bit-width, fewer steps per epoch; full: as many steps "
+                        "as a full-data epoch, each bit-width's batch shrunk to fraction x --batch-size "
+                        "(default: subset)")
+    p.add_argument("--bn-stats", choices=BN_STATS,
+                   help="emqnet: per-precision (BatchNorm affine terms shared, running statistics per trained "
+                        "bit-width) or shared (one set for all) (default: per-precision)")
+    p.add_argument("--bn-untrained", choices=BN_UNTRAINED, default="interpolate",
+                   help="how per-precision statistics are derived, without data, for bit-widths not trained "
+                        "(default: %(default)s)")
     p.add_argument("--final-bn-batches", type=non_negative_int, default=20, metavar="N",
                    help="after the last epoch, re-estimate BatchNorm statistics over N training batches per "
                         "bit-width, all bit-widths weighted equally; 0 = keep the momentum averages training "
@@ -107,7 +117,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
         label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
         coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
-        coreset_warmup=args.coreset_warmup, final_bn_batches=args.final_bn_batches, seed=args.seed,
+        coreset_warmup=args.coreset_warmup, coreset_steps=args.coreset_steps, bn_stats=args.bn_stats,
+        bn_untrained=args.bn_untrained, final_bn_batches=args.final_bn_batches, seed=args.seed,
         eval_every=args.eval_every, num_workers=args.workers,
     ).resolved()
 

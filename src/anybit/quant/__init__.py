@@ -1,6 +1,17 @@
 """Quantizers, quantizable layers, conversion of any model and precision control."""
 
 from .convert import ConversionReport, NothingToQuantizeError, conversion_report, convert
+from .batchnorm import (
+    PRECISION_BN_TYPES,
+    UNTRAINED_RULES,
+    PrecisionBatchNorm1d,
+    PrecisionBatchNorm2d,
+    PrecisionTrace,
+    bn_state,
+    quantization_step,
+    restore_bn_state,
+    stats_key,
+)
 from .bitlist import parse_bit_list
 from .calibrate import calibrate_activations
 from .functional import FLOAT_BITS, VALID_BITS, BitsError, check_bits, round_ste, weight_bias_correction
@@ -28,7 +39,8 @@ from .quantizers import ActQuantizer, RangeNotCalibratedError, WeightQuantizer
 from .spec import QuantSpec, SpecError
 
 __all__ = [
-    "ActQuantizer", "BitsError", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
+    "ActQuantizer", "BitsError", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
+    "UNTRAINED_RULES", "bn_state", "quantization_step", "restore_bn_state", "stats_key", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
     "NothingToQuantizeError", "QUANT_LAYER_TYPES", "QuantConv2d", "QuantLinear", "QuantModule",
     "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",
     "VALID_BITS", "WeightQuantizer", "parse_bit_list", "check_bits", "conversion_report", "convert", "get_precision",

@@ -16,6 +16,7 @@ from .modules import (
     SwitchableBatchNorm,
     precision_key,
 )
+from .batchnorm import PrecisionTrace, precision_batchnorm, stats_key
 from .quantizers import ActQuantizer, WeightQuantizer
 from .spec import QuantSpec
 
@@ -37,6 +38,7 @@ class ConversionReport:
     pinned: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     switchable_bn: list[str] = field(default_factory=list)
+    precision_bn: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +47,7 @@ class ConversionReport:
             "pinned": self.pinned,
             "unsupported": [{"name": n, "type": t} for n, t in self.unsupported],
             "switchable_bn": self.switchable_bn,
+            "precision_bn": self.precision_bn,
         }
 
 
@@ -109,12 +112,20 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
             keys = [precision_key(b, b) for b in spec.bn_bits]
             _set_submodule(model, name, SwitchableBatchNorm(module, keys))
             report.switchable_bn.append(name)
+        elif type(module) in _BN_TYPES and spec.bn_stats == "per-precision" and module.track_running_stats:
+            keys = [stats_key(b, b) for b in spec.bn_bits]
+            _set_submodule(model, name, precision_batchnorm(module, keys, spec.bn_untrained))
+            report.precision_bn.append(name)
 
     if not report.converted:
         raise NothingToQuantizeError(
             f"{type(model).__name__} has no layer anybit can quantize (nn.Conv2d, nn.Linear, "
             f"nn.MultiheadAttention); left in float: {[n for n, _ in report.unsupported] or 'nothing'}"
         )
+    if report.precision_bn:
+        trace = PrecisionTrace()   # quantizable layers tell the BatchNorms after them their precision
+        for name in report.converted + report.precision_bn:
+            model.get_submodule(name).precision_trace = trace
     if spec.keep_first_last is not None:
         ends = {report.converted[0], report.converted[-1]}
         for name in report.converted:

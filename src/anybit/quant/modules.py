@@ -28,6 +28,7 @@ class QuantModule:
     pinned: tuple[int, int] | None
     wbc: bool
     wbc_detach: bool
+    precision_trace = None   # a PrecisionTrace shared with per-precision BatchNorms (set by convert)
 
     def _init_quant(
         self,
@@ -52,6 +53,11 @@ class QuantModule:
     def runs_float_forward(self) -> bool:
         """At full precision and without input clipping (``QuantSpec.act_clip_float`` spares pinned layers)."""
         return self.is_float and (self.pinned is not None or not getattr(self.input_quant, "clip_float", False))
+
+    def record_precision(self) -> None:
+        """Tell the model's per-precision BatchNorms at which precision the next one's input is computed."""
+        if self.precision_trace is not None:
+            self.precision_trace.last = (self.w_bits, self.a_bits)
 
     def set_bits(self, w_bits: int, a_bits: int) -> None:
         self.w_bits = check_bits(w_bits, "w_bits")
@@ -97,6 +103,7 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         return q.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.record_precision()
         if self.runs_float_forward:
             return super().forward(x)
         return self._conv_forward(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
@@ -120,6 +127,7 @@ class QuantLinear(nn.Linear, QuantModule):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.record_precision()
         if self.runs_float_forward:
             return super().forward(x)
         return F.linear(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
@@ -164,6 +172,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention, QuantModule):
         return params
 
     def forward(self, query, key, value, *args, **kwargs):
+        self.record_precision()
         if self.is_float or self._reparametrized:
             return super().forward(query, key, value, *args, **kwargs)
         q_query = self.input_quant(query, self.a_bits)

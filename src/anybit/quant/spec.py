@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .batchnorm import UNTRAINED_RULES
 from .functional import WEIGHT_QUANTIZERS, check_bits
 
 
@@ -26,7 +27,13 @@ class QuantSpec:
     wbc: weight bias correction (per-channel mean/std of the quantized weight matched to the float one).
     wbc_detach: treat the correction's statistics as constants in the backward pass.
     bn: ``"shared"`` (one BatchNorm for all precisions) or ``"switchable"`` (one per precision in ``bn_bits``).
-    bn_bits: precisions that get their own BatchNorm when ``bn="switchable"``.
+    bn_stats: with ``bn="shared"``: ``"shared"`` (one set of running statistics for every precision) or
+        ``"per-precision"`` (the affine terms shared, running statistics per precision in ``bn_bits``:
+        :class:`~anybit.quant.PrecisionBatchNorm2d`).
+    bn_untrained: how a per-precision BatchNorm derives statistics for a precision not in ``bn_bits``:
+        ``"interpolate"``, ``"nearest"`` or ``"shared"`` (see ``PrecisionBatchNorm2d.statistics``).
+    bn_bits: precisions that get their own BatchNorm (``bn="switchable"``) or their own statistics
+        (``bn_stats="per-precision"``).
     keep_first_last: pin the first and last quantizable layers at this bit-width (``None``: not pinned).
     skip: layer names or glob patterns left in float.
     """
@@ -39,6 +46,8 @@ class QuantSpec:
     wbc: bool = False
     wbc_detach: bool = True
     bn: str = "shared"
+    bn_stats: str = "shared"
+    bn_untrained: str = "interpolate"
     bn_bits: tuple[int, ...] = ()
     keep_first_last: int | None = None
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -50,11 +59,21 @@ class QuantSpec:
             raise SpecError(f"act={self.act!r} is unknown: expected 'learned' or 'fixed'")
         if self.bn not in ("shared", "switchable"):
             raise SpecError(f"bn={self.bn!r} is unknown: expected 'shared' or 'switchable'")
+        if self.bn_stats not in ("shared", "per-precision"):
+            raise SpecError(f"bn_stats={self.bn_stats!r} is unknown: expected 'shared' or 'per-precision'")
+        if self.bn_untrained not in UNTRAINED_RULES:
+            raise SpecError(f"bn_untrained={self.bn_untrained!r} is unknown: expected one of "
+                            f"{', '.join(UNTRAINED_RULES)}")
+        if self.bn_stats == "per-precision" and self.bn != "shared":
+            raise SpecError("bn_stats='per-precision' keeps one BatchNorm's affine terms for every precision "
+                            "(bn='shared'); switchable BatchNorm already has everything per precision")
         object.__setattr__(self, "act_range", tuple(float(v) for v in self.act_range))
         object.__setattr__(self, "bn_bits", tuple(check_bits(b, "bn_bits") for b in self.bn_bits))
         object.__setattr__(self, "skip", tuple(self.skip))
         if self.bn == "switchable" and not self.bn_bits:
             raise SpecError("bn='switchable' needs bn_bits, the precisions that get their own BatchNorm")
+        if self.bn_stats == "per-precision" and not self.bn_bits:
+            raise SpecError("bn_stats='per-precision' needs bn_bits, the precisions that get their own statistics")
         if self.keep_first_last is not None:
             check_bits(self.keep_first_last, "keep_first_last")
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..quant import SwitchableBatchNorm, check_bits, precision, precision_key
+from ..quant import SwitchableBatchNorm, bn_state, check_bits, precision, precision_key, restore_bn_state
 from .methods import nearest_bits
 
 
@@ -90,7 +90,8 @@ def reestimate_bn(
     The statistics a BatchNorm keeps during training are a momentum average over batches taken while
     the weights still moved, and, when the BatchNorm is shared by all bit-widths, a mix that leans
     towards whichever bit-width ran last in each step. One pass at the end of training replaces them
-    (a shared BatchNorm still holds one set for all bit-widths, a switchable one a set per bit-width).
+    (a shared BatchNorm still holds one set for all bit-widths; a switchable one, and a per-precision one,
+    a set per bit-width).
     Weights are untouched; a model without BatchNorm is not run at all. Returns ``batches``/``samples``
     per bit-width and ``seconds``.
     """
@@ -130,8 +131,7 @@ def shared_bn_recalibrated(
     targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if device is None:
         device = next(model.parameters()).device
-    saved = [{k: v.clone() for k, v in t.state_dict().items() if k.startswith(("running", "num"))}
-             for t in targets]
+    saved = bn_state(targets)
     was_training = model.training
     start = time.perf_counter()
     try:
@@ -141,16 +141,17 @@ def shared_bn_recalibrated(
         yield {"bits": bits, "recalibrated": True, "batches": done, "samples": samples,
                "seconds": time.perf_counter() - start}
     finally:
-        for t, buffers in zip(targets, saved):
-            t.load_state_dict(buffers, strict=False)
+        restore_bn_state(targets, saved)
         model.train(was_training)
 
 
 @contextmanager
 def _cumulative_statistics(model: nn.Module, targets: list[nn.Module]) -> Iterator[None]:
     """Inside: ``targets`` start from empty running statistics and average every batch they see
-    equally, the rest of ``model`` in eval mode; momentum and the model's mode are restored on exit."""
+    equally, the rest of ``model`` in eval mode; momentum and the model's mode are restored on exit, and so
+    are the statistics of every set that saw no batch (a per-precision set whose precision did not run)."""
     saved = [t.momentum for t in targets]
+    saved_stats = bn_state(targets)
     was_training = model.training
     model.eval()
     try:
@@ -162,6 +163,7 @@ def _cumulative_statistics(model: nn.Module, targets: list[nn.Module]) -> Iterat
     finally:
         for t, momentum in zip(targets, saved):
             t.momentum = momentum
+        restore_bn_state(targets, saved_stats, only_unvisited=True)
         model.train(was_training)
 
 

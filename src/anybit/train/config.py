@@ -11,12 +11,15 @@ DISTILL_CHOICES = ("recursive", "from-top", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 CORESET_SCORES = ("el2n", "grand", "entropy", "forgetting", "random")
+BN_STATS = ("shared", "per-precision")
+BN_UNTRAINED = ("interpolate", "nearest", "shared")
+CORESET_STEPS = ("full", "subset")
 
 # Method defaults: filled in by TrainConfig.resolved() where a setting was left as None.
 _METHOD_DEFAULTS = {
     "dedicated": {"distill": "none", "coreset_fraction": 1.0},
     "anyprecision": {"distill": "recursive", "coreset_fraction": 1.0},
-    "emqnet": {"distill": "recursive", "coreset_fraction": 0.2},
+    "emqnet": {"distill": "recursive", "coreset_fraction": 0.2, "bn_stats": "per-precision", "coreset_steps": "subset"},
 }
 _OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adam": {"lr": 1e-3, "weight_decay": 0.0}}
 
@@ -36,6 +39,13 @@ class TrainConfig:
     ``final_bn_batches``: after the last epoch, every BatchNorm's running statistics are re-estimated
     over this many training batches per bit-width (see :func:`anybit.train.reestimate_bn`); 0 keeps
     the statistics training left.
+
+    ``bn_stats`` (emqnet): ``per-precision`` (default: the affine terms shared, running statistics per
+    trained bit-width) or ``shared`` (one set for all). ``bn_untrained``: how a per-precision BatchNorm
+    derives statistics for an untrained bit-width, without data (``interpolate``, ``nearest``, ``shared``).
+    ``coreset_steps`` (coreset sampling): ``subset`` (default: batches of ``batch_size`` per bit-width,
+    ``coreset_fraction`` times the steps of a full-data epoch) or ``full`` (as many optimizer steps per
+    epoch as a full-data epoch, each bit-width's batch ``coreset_fraction * batch_size`` samples).
     """
 
     bits: tuple[int, ...] = (1, 2, 4, 8, 32)
@@ -55,6 +65,9 @@ class TrainConfig:
     coreset_score: str = "el2n"
     coreset_refresh: int = 0
     coreset_warmup: int = 1
+    coreset_steps: str | None = None
+    bn_stats: str | None = None
+    bn_untrained: str = "interpolate"
     final_bn_batches: int = 20
     seed: int = 0
     eval_every: int = 1
@@ -69,6 +82,16 @@ class TrainConfig:
         _choice("coreset_score", self.coreset_score, CORESET_SCORES)
         if self.distill is not None:
             _choice("distill", self.distill, DISTILL_CHOICES)
+        _choice("bn_untrained", self.bn_untrained, BN_UNTRAINED)
+        if self.coreset_steps is not None:
+            _choice("coreset_steps", self.coreset_steps, CORESET_STEPS)
+        if self.bn_stats is not None:
+            _choice("bn_stats", self.bn_stats, BN_STATS)
+            if self.method != "emqnet":
+                raise TrainConfigError(
+                    f"bn_stats={self.bn_stats!r} applies to method 'emqnet' (one BatchNorm whose affine terms every "
+                    f"precision shares); {self.method!r} keeps BatchNorm statistics per bit-width already"
+                )
         for name in ("epochs", "batch_size"):
             _int_at_least(name, getattr(self, name), 1)
         for name in ("coreset_refresh", "coreset_warmup", "final_bn_batches", "eval_every", "num_workers"):
@@ -102,7 +125,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` replaced by the method's or optimizer's default."""
-        fill = {k: v for k, v in _METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        fill = {k: v for k, v in _METHOD_DEFAULTS[self.method].items() if getattr(self, k, None) is None}
         fill.update({k: v for k, v in _OPTIMIZER_DEFAULTS[self.optimizer].items() if getattr(self, k) is None})
         return replace(self, **fill) if fill else self
 

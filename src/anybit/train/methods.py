@@ -46,14 +46,20 @@ class Method:
     clip_float: bool
     summary: str
 
-    def quant_spec(self, bits: tuple[int, ...], keep_first_last: int | None) -> QuantSpec:
-        """The spec a float model is converted with for this method and these trained bit-widths."""
+    def quant_spec(self, bits: tuple[int, ...], keep_first_last: int | None, bn_stats: str | None = None,
+                   bn_untrained: str = "interpolate") -> QuantSpec:
+        """The spec a float model is converted with for this method and these trained bit-widths
+        (``bn_stats="per-precision"``: shared affine terms, statistics per trained bit-width)."""
+        per_bits = self.bn == "switchable" or bn_stats == "per-precision"
         return QuantSpec(
             weight="dorefa", act=ACTIVATION, act_range=ACTIVATION_RANGE, act_clip_float=self.clip_float,
-            wbc=self.wbc, bn=self.bn,
-            bn_bits=tuple(sorted(bits)) if self.bn == "switchable" else (),
+            wbc=self.wbc, bn=self.bn, bn_stats=bn_stats or "shared", bn_untrained=bn_untrained,
+            bn_bits=tuple(sorted(bits)) if per_bits else (),
             keep_first_last=keep_first_last,
         )
+
+    def spec_for(self, config: TrainConfig) -> QuantSpec:
+        return self.quant_spec(config.bits, config.keep_first_last, config.bn_stats, config.bn_untrained)
 
 
 METHODS: dict[str, Method] = {
@@ -62,7 +68,8 @@ METHODS: dict[str, Method] = {
     "anyprecision": Method("anyprecision", shared=True, bn="switchable", wbc=False, clip_float=False,
                            summary="shared weights, one BatchNorm per bit-width, full data per bit-width"),
     "emqnet": Method("emqnet", shared=True, bn="shared", wbc=True, clip_float=True,
-                     summary="weight bias correction, one shared BatchNorm, bit-wise coreset sampling"),
+                     summary="weight bias correction, one BatchNorm's affine terms shared by every bit-width "
+                             "(running statistics per bit-width by default), bit-wise coreset sampling"),
 }
 
 
@@ -98,7 +105,7 @@ def build_models(model: nn.Module, config: TrainConfig) -> BitModels:
     ``dedicated``. An already converted model is used as it is (its own spec), after a check that a
     switchable-BN model has a BatchNorm for every trained bit-width."""
     method = METHODS[config.method]
-    spec = method.quant_spec(config.bits, config.keep_first_last)
+    spec = method.spec_for(config)
     if method.shared:
         return BitModels({"all": _converted(model, spec, config)}, config.bits)
     members = {f"b{b}": _converted(copy.deepcopy(model), spec, config) for b in config.bits}

@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,16 @@ from ..quant import precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
 from .bn import reestimate_bn
 from .config import TrainConfig, config_differences
-from .distill import Distillation
+from .config import TrainConfigError
+from .distill import Distillation, TeacherMemory
 from .methods import METHODS, BitModels, build_models
 from .optim import LRSchedule, build_optimizer
-from .sampling import CoresetOptions, EpochSampler, checked_plan, describe, make_sampler, plan_overlap
+from .sampling import CoresetOptions, EpochSampler, FullDataSampler, checked_plan, describe, make_sampler, plan_overlap
 from .state import ResumeError, has_state, load_state, read_state_header, rng_state, save_state, set_rng_state
 
 LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
-               "teacher_samples", "train_s", "scoring_s", "eval_s"]
+               "train_s", "scoring_s", "eval_s"]
+MEMORY_LIMIT = 4 * 2**30   # bytes of teacher logits kept for distillation with coreset sampling
 # Settings that may change between an interrupted run and its resumption.
 RESUME_IGNORED = ("device", "quiet", "data_dir", "out", "num_workers", "resume", "overwrite")
 
@@ -90,12 +91,12 @@ class MultiBitTrainer:
         self.sampler = sampler if sampler is not None else make_sampler(
             CoresetOptions(cfg.coreset_fraction, cfg.coreset_score, cfg.coreset_refresh, cfg.coreset_warmup,
                            cfg.seed), self.train_set, self.bits)
-        self._batchnorms = [m for m in self.models.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.memory = self._teacher_memory()
 
         self.epoch = 0                                   # epochs completed
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
-        self.samples = {str(b): {"train": 0, "teacher": 0, "scoring": 0, "final_bn": 0} for b in self.bits}
+        self.samples = {str(b): {"train": 0, "scoring": 0, "final_bn": 0} for b in self.bits}
         self.final: dict[str, dict] = {}
         self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self.out_dir else None
         self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self.out_dir else None
@@ -155,9 +156,8 @@ class MultiBitTrainer:
         for b in self.bits:
             m = self.final.get(str(b), {})
             s = self.samples[str(b)]
-            rows.append([b, m.get("test_acc"), m.get("test_loss"), m.get("train_acc"), s["train"], s["teacher"],
-                         m.get("train_s")])
-        headers = ["bits", "test top-1 %", "test loss", "train top-1 %", "samples", "teacher samples", "train s"]
+            rows.append([b, m.get("test_acc"), m.get("test_loss"), m.get("train_acc"), s["train"], m.get("train_s")])
+        headers = ["bits", "test top-1 %", "test loss", "train top-1 %", "samples", "train s"]
         return format_table(headers, rows, markdown=markdown)
 
     # ------------------------------------------------------------------ the loop
@@ -176,7 +176,8 @@ class MultiBitTrainer:
             self._count_scoring(info)
         plan = checked_plan(self.sampler.plan_epoch(epoch, list(bits)), list(bits), len(self.train_set))
         record["overlap"] = plan_overlap(plan, len(self.train_set))
-        batches = _StepBatches(self.train_set, plan, cfg.batch_size, cfg.seed, epoch, self.device, cfg.num_workers)
+        batches = _StepBatches(self.train_set, plan, self._bit_batch_size(plan), cfg.seed, epoch, self.device,
+                               cfg.num_workers)
 
         t0 = time.perf_counter()
         record["lr"] = self.optimizer.param_groups[0]["initial_lr"] * self.schedule.factor(epoch)
@@ -189,13 +190,15 @@ class MultiBitTrainer:
                 stats.timer.start(b)
                 model = self.models.for_bits(b)
                 set_precision(model, b)
-                images, labels = batch[b]
+                images, labels, indices = batch[b]
                 logits = logits_of(model(images))
                 # 3. loss: labels at the top precision, the teacher's soft labels below it
-                teacher = self._teacher_logits(b, batch, logits_at, stats)
+                teacher = self._teacher_logits(b, batch, logits_at)
                 loss = self.distill.loss(logits, labels, teacher)
                 loss.backward()                       # gradients of all bit-widths accumulate
                 logits_at[b] = logits.detach()
+                if self.memory is not None:
+                    self.memory.store(b, indices, logits_at[b])
                 stats.add(b, loss, logits_at[b], labels)
                 stats.timer.stop(b)
             # 4. one optimizer step for all bit-widths
@@ -211,25 +214,42 @@ class MultiBitTrainer:
         record["bits"] = stats.summary()
         for b in bits:
             self.samples[str(b)]["train"] += record["bits"][str(b)]["samples"]
-            self.samples[str(b)]["teacher"] += record["bits"][str(b)]["teacher_samples"]
         return record
 
-    def _teacher_logits(self, b: int, batch: dict, logits_at: dict, stats: "_EpochStats") -> torch.Tensor | None:
-        """The teacher's logits on ``b``'s batch: reused when the teacher saw the same batch, else an
-        extra no-grad forward at the teacher's precision (counted in time and samples)."""
+    def _teacher_memory(self) -> TeacherMemory | None:
+        """Where a student finds its teacher's logits when their batches differ (coreset sampling)."""
+        teachers = self.distill.teacher_bits
+        if not teachers or isinstance(self.sampler, FullDataSampler):
+            return None
+        classes = getattr(self.train_set, "num_classes", None)
+        if classes and TeacherMemory.size_bytes(len(teachers), len(self.train_set), classes) > MEMORY_LIMIT:
+            raise TrainConfigError(
+                f"distillation with coreset sampling keeps each teacher's logits on every training sample: "
+                f"{TeacherMemory.size_bytes(len(teachers), len(self.train_set), classes) / 2**30:.1f} GiB for "
+                f"{len(teachers)} teacher bit-width(s), {len(self.train_set)} samples and {classes} classes. Use "
+                f"distill='from-top' (one teacher) or distill='none'")
+        return TeacherMemory(teachers, len(self.train_set), self.device)
+
+    def _bit_batch_size(self, plan: dict) -> int:
+        """Samples per bit-width and step. ``coreset_steps="full"``: a subset epoch takes as many steps as a
+        full-data one (each bit-width's batch shrinks with the subset); else ``batch_size``."""
+        cfg = self.config
+        subset = next((idx.numel() for idx in plan.values() if idx is not None), None)
+        if cfg.coreset_steps != "full" or subset is None:
+            return cfg.batch_size
+        full_steps = max(1, len(self.train_set) // cfg.batch_size)
+        return max(2, min(cfg.batch_size, subset // full_steps))
+
+    def _teacher_logits(self, b: int, batch: dict, logits_at: dict):
+        """The teacher's logits on ``b``'s batch: its logits of this step when it trained on the same batch,
+        else what it computed the last time it trained on these samples (:class:`TeacherMemory`; samples
+        it has not seen yet learn from their labels). Never an extra forward."""
         t = self.distill.teacher(b)
         if t is None:
             return None
         if batch[t] is batch[b]:
             return logits_at[t]
-        model = self.models.for_bits(t)
-        images = batch[b][0]
-        with torch.no_grad(), _frozen_bn_stats(self._batchnorms):
-            set_precision(model, t)
-            logits = logits_of(model(images))
-        set_precision(self.models.for_bits(b), b)
-        stats.add_teacher(b, images.shape[0])
-        return logits
+        return self.memory.read(t, batch[b][2]) if self.memory is not None else None
 
     def _reestimate_bn(self, record: dict) -> float:
         """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
@@ -289,6 +309,7 @@ class MultiBitTrainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "teacher_memory": self.memory.state_dict() if self.memory is not None else None,
             "rng": rng_state(),
             "history": self.history,
             "timings": self.timings,
@@ -311,6 +332,8 @@ class MultiBitTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.memory is not None and state.get("teacher_memory") is not None:
+            self.memory.load_state_dict(state["teacher_memory"])
         set_rng_state(state["rng"])
         self.history, self.timings, self.samples = state["history"], state["timings"], state["samples"]
         self.epoch = epoch
@@ -412,24 +435,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextmanager
-def _frozen_bn_stats(batchnorms: list[nn.Module]):
-    """Forward in training mode without moving BatchNorm running statistics (momentum 0)."""
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in batchnorms]
-    for m in batchnorms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(batchnorms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
 class _StepBatches:
-    """Per step, ``{bits: (images, labels)}`` on the device. Bit-widths with the same plan share one
+    """Per step, ``{bits: (images, labels, dataset indices)}`` on the device. Bit-widths with the same plan share one
     batch object (so a teacher's logits can be reused); the shuffle comes from (seed, epoch)."""
 
     def __init__(self, dataset, plan: dict[int, torch.Tensor | None], batch_size: int, seed: int, epoch: int,
@@ -467,13 +474,15 @@ class _StepBatches:
             loaders.append(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
                                       pin_memory=self.device.type == "cuda"))
         non_blocking = self.device.type == "cuda"
-        for parts in zip(*loaders):
+        chunk_lists = [[c for c in idx.split(self.batch_size)][: self.steps] for idx in self.index_lists]
+        for step, parts in enumerate(zip(*loaders)):
             batch = {}
             for g, (images, labels) in enumerate(parts):
-                pair = (images.to(self.device, non_blocking=non_blocking),
-                        labels.to(self.device, non_blocking=non_blocking))
+                triple = (images.to(self.device, non_blocking=non_blocking),
+                          labels.to(self.device, non_blocking=non_blocking),
+                          chunk_lists[g][step].to(self.device, non_blocking=non_blocking))
                 for b in self.groups[g]:
-                    batch[b] = pair
+                    batch[b] = triple
             yield batch
 
 
@@ -520,7 +529,6 @@ class _EpochStats:
         self.sums = torch.zeros(len(bits), 3, device=device)   # loss, hard-label CE, correct (per batch sums)
         self.row = {b: i for i, b in enumerate(bits)}
         self.samples = dict.fromkeys(bits, 0)
-        self.teacher_samples = dict.fromkeys(bits, 0)
         self.timer = _Timer(device)
         self._last_loss: torch.Tensor | None = None
 
@@ -534,9 +542,6 @@ class _EpochStats:
         if b == self.bits[0]:
             self._last_loss = loss.detach()
 
-    def add_teacher(self, b: int, n: int) -> None:
-        self.teacher_samples[b] += n
-
     def loss_now(self) -> float:
         return float(self._last_loss) if self._last_loss is not None else float("nan")
 
@@ -548,6 +553,6 @@ class _EpochStats:
             n = max(self.samples[b], 1)
             loss, ce, correct = sums[self.row[b]]
             out[str(b)] = {"loss": loss / n, "ce": ce / n, "train_acc": 100.0 * correct / n,
-                           "samples": self.samples[b], "teacher_samples": self.teacher_samples[b],
+                           "samples": self.samples[b],
                            "train_s": seconds.get(b, 0.0)}
         return out
