@@ -49,6 +49,7 @@ from anybit.data import make_loader  # noqa: E402
 from anybit.evaluation import evaluate_bits  # noqa: E402
 from anybit.models import create  # noqa: E402
 from anybit.report import environment  # noqa: E402
+from anybit.quant import PRECISION_BN_TYPES  # noqa: E402
 from anybit.train import MultiBitTrainer, TrainConfig, bn_bits, reestimate_bn  # noqa: E402
 
 # The training-cost benchmark's quick setting, with the coreset run that trains well in so few steps
@@ -83,9 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_model(args, train) -> tuple[nn.Module, float]:
     torch.manual_seed(args.seed)
     model = create(args.model, width=args.width, num_classes=train.num_classes, in_channels=train.in_channels)
+    # One set of statistics for every bit-width (what this benchmark diagnoses; emqnet's default keeps a set
+    # per bit-width), with the sampler this record was measured with.
     config = TrainConfig(method="emqnet", bits=tuple(args.bits), epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, coreset_fraction=args.fraction, distill=args.distill, seed=args.seed,
-                         eval_every=0, final_bn_batches=args.bn_batches)
+                         eval_every=0, final_bn_batches=args.bn_batches, bn_stats="shared", coreset_score="el2n")
     trainer = MultiBitTrainer(model, train, None, config, device=args.device, quiet=True)
     with Stopwatch(args.device) as sw:
         trainer.fit()
@@ -145,6 +148,9 @@ def load_shared_bn_model(path: str, device) -> nn.Module:
     if bn_bits(model):
         raise SystemExit(f"--checkpoint {path} has one BatchNorm per bit-width (anyprecision): nothing is shared; "
                          "give an emqnet checkpoint")
+    if any(isinstance(m, PRECISION_BN_TYPES) for m in model.modules()):
+        raise SystemExit(f"--checkpoint {path} keeps BatchNorm statistics per precision (--bn-stats per-precision): "
+                         "there is no single set to diagnose; give a checkpoint trained with --bn-stats shared")
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise SystemExit(f"--checkpoint {path} has no BatchNorm: there are no statistics to compare")
     return model

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import anybit
 from anybit.models import create
 from anybit.report import environment, format_table
+from anybit.train import METHODS, TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.10
@@ -70,11 +71,15 @@ def main(argv=None) -> int:
         args.steps, args.width = 20, 1.0
     device = torch.device(args.device)
 
+    def method_spec(name: str) -> anybit.QuantSpec:   # exactly what the trainer converts with
+        return METHODS[name].spec_for(TrainConfig(method=name, bits=(1, 2, 4, 8, 32)).resolved())
+
     configs = {
-        "dorefa, fixed [0, 1] activations (Any-Precision)": anybit.QuantSpec(weight="dorefa", act="fixed"),
-        "dorefa, learned activation range": anybit.QuantSpec(weight="dorefa"),
-        "dorefa + weight bias correction, fixed [0, 1], clipped float path (emqnet)":
-            anybit.QuantSpec(weight="dorefa", wbc=True, act="fixed", act_clip_float=True),
+        "dedicated: DoReFa, fixed [0, 1] activations": method_spec("dedicated"),
+        "anyprecision: the same, one BatchNorm per bit-width": method_spec("anyprecision"),
+        "emqnet: DoReFa + weight bias correction, clipped float path, per-precision BatchNorm statistics":
+            method_spec("emqnet"),
+        "DoReFa, learned activation range": anybit.QuantSpec(weight="dorefa"),
         "symmetric per-channel": anybit.QuantSpec(weight="symmetric"),
     }
     rows, results = [], {}

@@ -1,22 +1,26 @@
-"""Training cost of emqnet (weight bias correction + shared BN + bit-wise coreset) against Any-Precision.
+"""Training cost of emqnet's default recipe against Any-Precision, at the accuracy each reaches.
 
-Every run trains the same model for the same bit-widths and epochs from the same seed; the wall-clock
-time of ``MultiBitTrainer.fit()`` (scoring, sampling, data loading and training; no evaluation) is
-compared with the ``anyprecision`` run (full data, switchable BN). Ablations: emqnet without weight
-bias correction, a random score instead of EL2N, and one shared subset for all bit-widths. Accuracy
-per bit-width is measured afterwards on the test set (or a fixed subset of it).
+Every run trains the same model for the same bit-widths from the same seed; the wall-clock time of
+``MultiBitTrainer.fit()`` (scoring, sampling, data loading, training and the final BatchNorm statistics
+pass; no evaluation) is compared with the ``anyprecision`` run (full data, one BatchNorm per bit-width,
+run without distillation: its most accurate setting here, see the ``anyprecision-recursive`` row). One
+float model (``dedicated-32``) gives the cost of training a single network. emqnet runs use
+``TrainConfig(method="emqnet")``'s defaults; only the shared settings below are given. Accuracy is
+measured afterwards on the test set: the trained bit-widths, and the untrained 3, 5 and 6 bits (emqnet
+with each rule for deriving BatchNorm statistics, no data; anyprecision after BN re-calibration).
 
-    python benchmarks/training_cost.py --quick           # CPU, Fashion-MNIST subset (see QUICK)
+    python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 25 minutes on 2 idle cores
+    python benchmarks/training_cost.py --long      # CPU, nearer convergence, under an hour
     python benchmarks/training_cost.py --full --data-dir DIR --device cuda   # CIFAR-10, 5x width, 200 epochs
 
-Writes benchmarks/results/training_cost[-<tag>].json and the table to docs/benchmarks-training-cost.md.
+Writes benchmarks/results/training_cost[-<tag>].json and the table to docs/benchmarks-training-cost.md
+(or docs/benchmarks-training-cost-<tag>.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,195 +29,216 @@ import torch
 
 import anybit
 import anybit.data
+from anybit.evaluation import evaluate
 from anybit.models import create
+from anybit.quant import PRECISION_BN_TYPES, UNTRAINED_RULES
 from anybit.report import environment, format_table
-from anybit.train import MultiBitTrainer, TrainConfig
-from anybit.train.coreset import BitwiseCoresetSampler
-from common import add_training_run_args, bn_reestimated_accuracy, load_data  # benchmarks/common.py, next to this script
+from anybit.train import MultiBitTrainer, TrainConfig, recalibrate_bn
+from common import add_training_run_args, command_line, load_data, write_json  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-DOC = ROOT.parent / "docs" / "benchmarks-training-cost.md"
+DOCS = ROOT.parent / "docs"
 TARGET_SPEEDUP = 4.0
-TARGET_ACC_GAP = 1.0  # points of average accuracy over bit-widths
+TARGET_AVG_GAP = 1.0     # points of average accuracy over the trained bit-widths
+TARGET_BIT_GAP = 2.0     # points at any trained bit-width
+UNTRAINED = (3, 5, 6)
 
+# name: (description, method, settings beyond the shared ones; "epochs_x" scales the emqnet epochs)
 RUNS = {
-    "anyprecision": "full data, switchable BN, no WBC (reference)",
-    "emqnet": "WBC + shared BN + bit-wise coreset (EL2N)",
-    "emqnet-no-wbc": "emqnet without weight bias correction",
-    "emqnet-random": "emqnet, random score instead of EL2N",
-    "emqnet-shared-subset": "emqnet, one subset shared by all bit-widths",
-    "emqnet-no-distill": "emqnet, hard labels at every bit-width (no teacher forwards)",
+    "anyprecision": ("full data, one BatchNorm per bit-width, no distillation (reference)", "anyprecision",
+                     {"distill": "none"}),
+    "anyprecision-recursive": ("anyprecision with its own recursive distillation", "anyprecision", {}),
+    "dedicated-32": ("one float model, full data: the cost of training one network", "dedicated", {"bits": (32,)}),
+    "emqnet": ("the default recipe, at --emqnet-epochs", "emqnet", {}),
+    "emqnet-equal-epochs": ("the default recipe at anyprecision's epochs", "emqnet", {"epochs_x": 0}),
+    "emqnet-2x": ("the default recipe at twice anyprecision's epochs", "emqnet", {"epochs_x": 2}),
+    "emqnet-single-set": ("one set of BatchNorm statistics for every bit-width", "emqnet", {"bn_stats": "shared"}),
+    "emqnet-el2n": ("bit-wise EL2N scores instead of uniform subsets", "emqnet", {"coreset_score": "el2n"}),
+    "emqnet-distill": ("from-top distillation through the teachers' logit memory", "emqnet",
+                       {"distill": "from-top"}),
+    "emqnet-full-steps": ("as many steps per epoch as full data (smaller per-bit batches)", "emqnet",
+                          {"coreset_steps": "full"}),
 }
+DEFAULT_RUNS = ("anyprecision", "dedicated-32", "emqnet", "emqnet-equal-epochs", "emqnet-2x", "emqnet-single-set",
+                "emqnet-el2n", "emqnet-distill")
 
-# --quick: about 20 minutes on 2 idle CPU cores. Width 0.5 and 28x28 images keep the step cheap enough for
-# 10 epochs, so that emqnet's coreset runs take a few hundred optimizer steps instead of a few dozen.
 QUICK = dict(dataset="fashion-mnist", image_size=28, model="resnet20", width=0.5, bits="1,2,4,8,32", epochs=10,
-             train_subset=5000, test_subset=2000, batch_size=32, fraction=0.2, warmup=1, refresh=0,
-             lr=0.05, device="cpu", threads=0)
-# --full: the paper-scale setting, for a GPU.
+             emqnet_epochs=12, train_subset=5000, test_subset=2000, batch_size=32, lr=0.05, device="cpu",
+             threads=1, runs=",".join(DEFAULT_RUNS))
+LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=12000, test_subset=5000,
+            runs="anyprecision,dedicated-32,emqnet,emqnet-2x")
 FULL = dict(dataset="cifar10", image_size=0, model="resnet20", width=5.0, bits="1,2,4,8,32", epochs=200,
-            train_subset=0, test_subset=0, batch_size=128, fraction=0.2, warmup=5, refresh=10,
-            lr=0.1, device="cuda", threads=0)
+            emqnet_epochs=240, train_subset=0, test_subset=0, batch_size=128, lr=0.1, device="cuda", threads=0,
+            runs="anyprecision,anyprecision-recursive,dedicated-32,emqnet,emqnet-equal-epochs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small CPU run (the default settings below)")
+    mode.add_argument("--quick", action="store_true", help="small CPU run (the default settings)")
+    mode.add_argument("--long", action="store_true", help="a longer CPU run, nearer convergence (under an hour)")
     mode.add_argument("--full", action="store_true", help="CIFAR-10, 5x width, 200 epochs, on a GPU")
     p.add_argument("--data-dir")
     add_training_run_args(p, "trained bit-widths")
-    p.add_argument("--fraction", type=float, help="coreset fraction per bit-width")
-    p.add_argument("--warmup", type=int, help="epochs before the first scoring")
-    p.add_argument("--refresh", type=int, help="re-score every R epochs (0 = once)")
+    p.add_argument("--emqnet-epochs", type=int, help="epochs of the 'emqnet' run (the others: see --runs)")
     p.add_argument("--device")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0 = leave as is)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list out of {', '.join(RUNS)}")
-    p.add_argument("--final-bn-batches", type=int, default=TrainConfig.final_bn_batches,
-                   help="BatchNorm statistics pass after training, batches per bit-width (every run; 0 = off)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--runs", help=f"comma list out of {', '.join(RUNS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tag", default="", help="suffix of the result file name (training_cost-<tag>.json)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks-training-cost.md")
+    p.add_argument("--tag", default="", help="suffix of the result file and doc page names")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite the docs page")
     p.add_argument("--report-only", metavar="JSON", help="only rebuild the table and doc from a results file")
     args = p.parse_args(argv)
-    preset = FULL if args.full else QUICK
+    preset = FULL if args.full else LONG if args.long else QUICK
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.bits = [int(b) for b in args.bits.split(",")]
+    args.bits = [int(b) for b in str(args.bits).split(",")]
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         p.error(f"unknown runs {unknown}: expected some of {', '.join(RUNS)}")
-    args.mode = "full" if args.full else "quick" if args.quick else "custom"
+    args.mode = "full" if args.full else "long" if args.long else "quick" if args.quick else "custom"
     return args
 
 
 def build_run(name: str, args, train):
-    """(float or pre-converted model, TrainConfig, sampler or None) for one run."""
+    """(float model, TrainConfig) for one run."""
+    _, method, extra = RUNS[name]
+    extra = dict(extra)
+    scale = extra.pop("epochs_x", None)
+    epochs = args.epochs
+    if method == "emqnet":
+        epochs = args.emqnet_epochs if scale is None else (args.epochs * scale if scale else args.epochs)
     torch.manual_seed(args.seed)
     model = create(args.model, width=args.width, num_classes=train.num_classes, in_channels=train.in_channels)
-    common = dict(bits=tuple(args.bits), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, eval_every=0, final_bn_batches=args.final_bn_batches)
-    if name == "anyprecision":
-        return model, TrainConfig(method="anyprecision", **common), None
-    config = TrainConfig(method="emqnet", coreset_fraction=args.fraction,
-                         distill="none" if name == "emqnet-no-distill" else None, **common)
-    score = "random" if name == "emqnet-random" else "el2n"
-    sampler = BitwiseCoresetSampler(len(train), args.fraction, score, refresh=args.refresh, warmup=args.warmup,
-                                    seed=args.seed, shared_subset=name == "emqnet-shared-subset")
-    if name == "emqnet-no-wbc":
-        # The emqnet spec with weight bias correction off; the trainer keeps an already converted model.
-        spec = anybit.train.METHODS["emqnet"].quant_spec(config.bits, config.keep_first_last)
-        model = anybit.convert(model, anybit.QuantSpec(**{**spec.to_dict(), "wbc": False}))
-    return model, config, sampler
+    settings = dict(bits=tuple(args.bits), epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    eval_every=0, method=method)
+    return model, TrainConfig(**{**settings, **extra})
+
+
+def accuracy_at(model, loader, bits: int, device) -> float:
+    with anybit.precision(model, bits):
+        return evaluate(model, loader, device, quiet=True)["accuracy"]
+
+
+def untrained_accuracy(model, method: str, calib, test_loader, args) -> dict:
+    """Untrained bit-widths: emqnet with each rule (no data), anyprecision after BN re-calibration."""
+    if method == "emqnet":
+        bns = [m for m in model.modules() if isinstance(m, PRECISION_BN_TYPES)]
+        if not bns:
+            return {}
+        out, chosen = {}, bns[0].untrained_rule
+        for rule in UNTRAINED_RULES:
+            for bn in bns:
+                bn.untrained_rule = rule
+            out[rule] = {str(b): accuracy_at(model, test_loader, b, args.device) for b in UNTRAINED}
+        for bn in bns:
+            bn.untrained_rule = chosen
+        return out
+    if method == "anyprecision":
+        loader = anybit.data.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
+        for b in UNTRAINED:
+            recalibrate_bn(model, loader, b, batches=20, device=args.device)
+        return {"bn-recalibrated": {str(b): accuracy_at(model, test_loader, b, args.device) for b in UNTRAINED}}
+    return {}
 
 
 def run_one(name: str, args, train, calib, test) -> dict:
-    model, config, sampler = build_run(name, args, train)
-    trainer = MultiBitTrainer(model, train, None, config, sampler=sampler, device=args.device, quiet=True)
-    if torch.device(args.device).type == "cuda":
+    model, config = build_run(name, args, train)
+    trainer = MultiBitTrainer(model, train, None, config, device=args.device, quiet=True)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     result = trainer.fit()
-    if torch.device(args.device).type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    accuracy = {b: r["accuracy"] for b, r in trainer.evaluate(data=test).items()}
-    reestimated = None
-    if config.method == "emqnet":   # not part of the target: what the one set of shared statistics costs
-        reestimated = bn_reestimated_accuracy(
-            trainer.model_for(max(args.bits)),
-            anybit.data.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed),
-            anybit.data.make_loader(test, 256, shuffle=False), args.bits, args.device)
+    test_loader = anybit.data.make_loader(test, 256, shuffle=False)
+    accuracy = {str(b): accuracy_at(trainer.model_for(b), test_loader, b, args.device) for b in config.bits}
     history = result["history"]
-    overlaps = [sum(r["overlap"].values()) / max(1, len(r["overlap"])) for r in history]
     return {
-        "run": name,
-        "description": RUNS[name],
-        "method": config.method,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "train_s": result["timings_s"].get("train", 0.0),
-        "scoring_s": result["timings_s"].get("scoring", 0.0),
-        "accuracy": accuracy,
-        "avg_accuracy": sum(accuracy.values()) / len(accuracy),
-        "accuracy_bn_reestimated": reestimated,
-        "avg_accuracy_bn_reestimated": sum(reestimated.values()) / len(reestimated) if reestimated else None,
-        "samples": result["samples"],
-        "steps": sum(r["steps"] for r in history),
-        "mean_overlap": sum(overlaps) / len(overlaps),
-        "sampler": sampler.describe() if sampler is not None else {"sampler": "full"},
-        "epochs": [{"epoch": r["epoch"], "seconds": r["seconds"], "overlap": r["overlap"],
-                    "steps": r["steps"], "scoring": r.get("scoring")} for r in history],
+        "run": name, "description": RUNS[name][0], "method": config.method, "config": config.to_dict(),
+        "epochs": config.epochs, "wall_s": wall, "cpu_s": cpu, "timings_s": result["timings_s"],
+        "accuracy": accuracy, "avg_accuracy": sum(accuracy.values()) / len(accuracy),
+        "untrained": untrained_accuracy(trainer.model_for(max(config.bits)), config.method, calib, test_loader, args),
+        "samples": result["samples"], "steps": sum(r["steps"] for r in history),
+        "mean_overlap": sum(sum(r["overlap"].values()) / max(1, len(r["overlap"])) for r in history) / len(history),
     }
-
-
-FORWARD_SHARE = 1 / 3  # a no-grad forward costs about a third of a forward + backward
-
-
-def pass_equivalents(run: dict) -> float:
-    """Cost in forward+backward sample passes: training passes plus a third of each extra forward."""
-    return _passes(run, "train") + FORWARD_SHARE * _extra_forwards(run)
 
 
 def compare(runs: list[dict]) -> None:
     ref = next((r for r in runs if r["run"] == "anyprecision"), None)
+    one = next((r for r in runs if r["run"] == "dedicated-32"), None)
     for r in runs:
-        r["pass_equivalents"] = pass_equivalents(r)
-        if ref is None:
-            continue
-        r["speedup_passes"] = pass_equivalents(ref) / r["pass_equivalents"]
-        r["speedup_wall"] = ref["wall_s"] / r["wall_s"]
-        r["speedup_cpu"] = ref["cpu_s"] / r["cpu_s"]
-        r["avg_accuracy_delta"] = r["avg_accuracy"] - ref["avg_accuracy"]
+        if ref is not None:
+            r["speedup_wall"] = ref["wall_s"] / r["wall_s"]
+            r["speedup_cpu"] = ref["cpu_s"] / r["cpu_s"]
+            if r["method"] != "dedicated":
+                r["avg_accuracy_delta"] = r["avg_accuracy"] - ref["avg_accuracy"]
+                r["bit_deltas"] = {b: a - ref["accuracy"][b] for b, a in r["accuracy"].items() if b in ref["accuracy"]}
+        if one is not None:
+            r["times_one_float_model"] = r["wall_s"] / one["wall_s"]
 
 
-def table(runs: list[dict], bits: list[int]) -> str:
-    headers = ["run", "wall s", "× faster (wall)", "× faster (CPU)", "× (pass model)", "scoring s", "steps",
-               "train passes", "extra forwards",
-               *[f"{b}-bit %" for b in sorted(bits)], "avg %", "Δ avg", "avg % (BN re-est.)", "overlap"]
-    rows = []
-    for r in runs:
-        rows.append([r["run"], f"{r['wall_s']:.0f}", _fmt(r.get("speedup_wall")), _fmt(r.get("speedup_cpu")),
-                     _fmt(r.get("speedup_passes")),
-                     f"{r['scoring_s']:.0f}", r["steps"], _passes(r, "train"),
-                     _extra_forwards(r),
-                     *[f"{r['accuracy'][str(b)]:.2f}" for b in sorted(bits)],
-                     f"{r['avg_accuracy']:.2f}", _fmt(r.get("avg_accuracy_delta"), "+.2f"),
-                     _fmt(r.get("avg_accuracy_bn_reestimated")), f"{r['mean_overlap']:.2f}"])
-    return format_table(headers, rows, markdown=True)
-
-
-def _passes(run: dict, kind: str) -> int:
-    return sum(s.get(kind, 0) for s in run["samples"].values())
-
-
-def _extra_forwards(run: dict) -> int:
-    return sum(_passes(run, kind) for kind in ("teacher", "scoring", "final_bn"))
+def verdict(runs: list[dict]) -> dict:
+    by = {r["run"]: r for r in runs}
+    r, ref = by.get("emqnet"), by.get("anyprecision")
+    if r is None or ref is None:
+        return {"met": None, "reason": "needs both the anyprecision and the emqnet run"}
+    rule = r["config"]["bn_untrained"]
+    ours = r["untrained"].get(rule, {})
+    theirs = ref["untrained"].get("bn-recalibrated", {})
+    untrained_ok = bool(ours) and bool(theirs) and all(ours[b] >= theirs[b] for b in ours)
+    out = {
+        "speedup_wall": r["speedup_wall"], "speedup_cpu": r["speedup_cpu"], "speedup_target": TARGET_SPEEDUP,
+        "speed_met": r["speedup_wall"] >= TARGET_SPEEDUP,
+        "avg_accuracy_delta": r["avg_accuracy_delta"], "avg_gap_allowed": TARGET_AVG_GAP,
+        "avg_met": r["avg_accuracy_delta"] >= -TARGET_AVG_GAP,
+        "worst_bit_delta": min(r["bit_deltas"].values()), "bit_gap_allowed": TARGET_BIT_GAP,
+        "bits_met": min(r["bit_deltas"].values()) >= -TARGET_BIT_GAP,
+        "untrained_rule": rule, "untrained_met": untrained_ok,
+        "times_one_float_model": r.get("times_one_float_model"),
+    }
+    out["met"] = all(out[k] for k in ("speed_met", "avg_met", "bits_met", "untrained_met"))
+    return out
 
 
 def _fmt(value, spec=".2f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def verdict(runs: list[dict]) -> dict:
-    r = next((r for r in runs if r["run"] == "emqnet"), None)
-    if r is None or "speedup_wall" not in r:
-        return {"met": None, "reason": "needs both the anyprecision and the emqnet run"}
-    fast = r["speedup_wall"] >= TARGET_SPEEDUP
-    close = r["avg_accuracy_delta"] >= -TARGET_ACC_GAP
-    return {"met": fast and close, "speedup_wall": r["speedup_wall"], "speedup_cpu": r["speedup_cpu"],
-            "speedup_passes": r["speedup_passes"], "speedup_target": TARGET_SPEEDUP,
-            "avg_accuracy_delta": r["avg_accuracy_delta"], "accuracy_gap_allowed": TARGET_ACC_GAP,
-            "speed_met": fast, "accuracy_met": close}
+def main_table(runs: list[dict], bits: list[int]) -> str:
+    headers = ["run", "epochs", "wall s", "× faster (wall)", "× faster (CPU)", "× one float model", "steps",
+               *[f"{b}-bit %" for b in sorted(bits)], "avg %", "Δ avg"]
+    rows = []
+    for r in runs:
+        rows.append([r["run"], r["epochs"], f"{r['wall_s']:.0f}", _fmt(r.get("speedup_wall")),
+                     _fmt(r.get("speedup_cpu")), _fmt(r.get("times_one_float_model")), r["steps"],
+                     *[_fmt(r["accuracy"].get(str(b))) for b in sorted(bits)],
+                     f"{r['avg_accuracy']:.2f}", _fmt(r.get("avg_accuracy_delta"), "+.2f")])
+    return format_table(headers, rows, markdown=True)
+
+
+def untrained_table(runs: list[dict]) -> str:
+    rows = []
+    for r in runs:
+        for rule, acc in r["untrained"].items():
+            rows.append([r["run"], rule, *[_fmt(acc.get(str(b))) for b in UNTRAINED],
+                         f"{sum(acc.values()) / len(acc):.2f}"])
+    return format_table(["run", "statistics", *[f"{b}-bit %" for b in UNTRAINED], "avg %"], rows, markdown=True)
 
 
 def settings(args) -> dict:
-    keys = ("mode", "dataset", "image_size", "model", "width", "bits", "epochs", "train_subset", "test_subset",
-            "batch_size", "lr", "fraction", "warmup", "refresh", "final_bn_batches", "device", "threads", "seed", "runs")
+    keys = ("mode", "dataset", "image_size", "model", "width", "bits", "epochs", "emqnet_epochs", "train_subset",
+            "test_subset", "batch_size", "lr", "device", "threads", "seed", "runs")
     return {k: getattr(args, k) for k in keys}
+
+
+def doc_path(tag: str) -> Path:
+    return DOCS / (f"benchmarks-training-cost-{tag}.md" if tag else "benchmarks-training-cost.md")
 
 
 def main(argv=None) -> int:
@@ -222,19 +247,16 @@ def main(argv=None) -> int:
         report = json.loads(Path(args.report_only).read_text())
         compare(report["runs"])
         report["verdict"] = verdict(report["runs"])
-        Path(args.report_only).write_text(json.dumps(report, indent=2) + "\n")
-        md = table(report["runs"], report["settings"]["bits"])
-        print(md)
+        write_json(Path(args.report_only), report)
+        print(main_table(report["runs"], report["settings"]["bits"]))
         if not args.no_doc:
-            write_doc(report, md)
+            write_doc(report, args.tag)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/training_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     train, calib, test = load_data(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / (f"training_cost-{args.tag}.json" if args.tag else "training_cost.json")
-    report = {"benchmark": "training_cost", "command": command, "settings": settings(args),
+    report = {"benchmark": "training_cost", "command": command_line(__file__, argv), "settings": settings(args),
               "data": {"train": len(train), "test": len(test)}, "environment": environment(), "runs": []}
     started = time.perf_counter()
     for name in args.runs:
@@ -242,60 +264,19 @@ def main(argv=None) -> int:
         report["runs"].append(run_one(name, args, train, calib, test))
         compare(report["runs"])
         r = report["runs"][-1]
-        print(f"    wall {r['wall_s']:.0f} s, cpu {r['cpu_s']:.0f} s, avg acc {r['avg_accuracy']:.2f} %, "
-              f"per bits {({b: round(a, 2) for b, a in r['accuracy'].items()})}", flush=True)
+        print(f"    wall {r['wall_s']:.0f} s, avg {r['avg_accuracy']:.2f} %, "
+              f"{ {b: round(a, 2) for b, a in r['accuracy'].items()} }", flush=True)
         report["verdict"] = verdict(report["runs"])
         report["total_s"] = time.perf_counter() - started
-        out.write_text(json.dumps(report, indent=2) + "\n")
-    md = table(report["runs"], args.bits)
-    print(md)
+        write_json(out, report)
+    print(main_table(report["runs"], args.bits))
     print(json.dumps(report["verdict"]))
     if not args.no_doc:
-        write_doc(report, md)
+        write_doc(report, args.tag)
     return 0
 
 
-def notes(report: dict) -> list[str]:
-    """How to read this run's numbers: noise of the wall clock, where the cost goes, what accuracy means."""
-    runs = {r["run"]: r for r in report["runs"]}
-    r = runs.get("emqnet")
-    if r is None or "speedup_wall" not in r:
-        return []
-    out = ["## Reading the numbers", ""]
-    if abs(r["speedup_wall"] / r["speedup_cpu"] - 1) > 0.25:
-        out += [f"- The wall-clock ratio ({r['speedup_wall']:.2f}×) and the CPU-time ratio ({r['speedup_cpu']:.2f}×) "
-                "disagree: the runs ran one after another on a machine shared with other work, so the load differed "
-                f"between them. The pass model ({r['speedup_passes']:.2f}×) agrees with the CPU time; take that, not "
-                "the wall clock, as the measured speed-up of this run.", ""]
-    out += ["- Where the time goes: with disjoint subsets each lower bit-width needs its teacher's logits on its own "
-            "batch (recursive distillation), one extra no-grad forward per lower bit-width and step; scoring reads "
-            "every sample at every bit-width once. With 5 bit-widths and fraction 0.2 an epoch costs about "
-            "N + 0.8N/3 ≈ 1.27N pass-equivalents against 5N for anyprecision, so even without scoring the "
-            "speed-up is bounded by about 3.9×; ≥ 4× needs cheaper teachers (see docs/coreset.md)."
-            + (f" The emqnet-no-distill ablation trains every bit-width on hard labels, with no teacher forwards: "
-               f"{runs['emqnet-no-distill']['speedup_cpu']:.2f}× by CPU time, "
-               f"{runs['emqnet-no-distill']['avg_accuracy_delta']:+.2f} points of average accuracy."
-               if "speedup_cpu" in runs.get("emqnet-no-distill", {}) else ""), ""]
-    out += [f"- Accuracy: in the same number of epochs emqnet takes {r['steps']} optimizer steps against "
-            f"{runs['anyprecision']['steps']} for anyprecision. The quick setting stops long before convergence, "
-            "where that difference dominates; its accuracy column says nothing about the converged gap the paper "
-            "reports (that is what `--full` measures).", ""]
-    plain = runs.get("emqnet-no-distill")
-    if plain is not None:
-        out += [f"- Distillation with this few steps: emqnet with recursive distillation averages "
-                f"{r['avg_accuracy']:.2f} %, without it {plain['avg_accuracy']:.2f} % "
-                f"({_fmt(plain.get('avg_accuracy_bn_reestimated'))} % with the shared BatchNorm re-estimated per "
-                "bit-width). The lower bit-widths learn only from their teacher's soft labels, and a teacher that "
-                "has itself taken a few hundred steps is a poor one; on short coreset runs `--distill none` is "
-                "the better choice.", ""]
-    if any(run.get("avg_accuracy_bn_reestimated") for run in runs.values()):
-        out += ["- avg % minus the BN re-est. column is what the one shared set of BatchNorm statistics costs; at "
-                "1 bit the misfit comes from the binarised weights (alone they misfit as much as with the activations), "
-                "which weight bias correction does not align (measured in [benchmarks-bn-statistics.md](benchmarks-bn-statistics.md)).", ""]
-    return out
-
-
-def write_doc(report: dict, md: str) -> None:
+def write_doc(report: dict, tag: str) -> None:
     s, v, env = report["settings"], report["verdict"], report["environment"]
     size = f"image size {s['image_size']}, " if s["image_size"] else ""
     lines = [
@@ -304,53 +285,54 @@ def write_doc(report: dict, md: str) -> None:
         f"Command: `{report['command']}`",
         "",
         f"Settings: {s['dataset']} ({report['data']['train']} train / {report['data']['test']} test samples), "
-        f"{size}{s['model']} width {s['width']:g}, "
-        f"bits {','.join(map(str, s['bits']))}, {s['epochs']} epochs, "
-        f"batch {s['batch_size']}, SGD lr {s['lr']} cosine, seed {s['seed']}; coreset fraction {s['fraction']}, "
-        f"warm-up {s['warmup']} epoch(s), refresh {s['refresh']}; "
-        + (f"BatchNorm statistics re-estimated after the last epoch over {s['final_bn_batches']} batches per "
-           "bit-width (every run, timed); " if s.get("final_bn_batches") else "")
-        + f"device {s['device']}, "
-        f"torch threads {env['torch_threads']} ({env['cpu_count']} CPUs), torch {env['torch']}. "
+        f"{size}{s['model']} width {s['width']:g}, bits {','.join(map(str, s['bits']))}, {s['epochs']} epochs "
+        f"(emqnet: {s['emqnet_epochs']}), batch {s['batch_size']}, SGD lr {s['lr']} cosine, seed {s['seed']}; "
+        f"every run ends with the BatchNorm statistics pass (timed); device {s['device']}, torch threads "
+        f"{env['torch_threads']} ({env['cpu_count']} CPUs), torch {env['torch']}. "
         f"Total benchmark time {report['total_s'] / 60:.1f} min.",
         "",
-        md,
+        main_table(report["runs"], s["bits"]),
         "",
-        "wall s: wall-clock time of `MultiBitTrainer.fit()` (scoring, sampling, data loading, training; "
-        "evaluation excluded). × faster: anyprecision's time divided by the run's (wall clock, and process CPU "
-        "time, which is less sensitive to other work on a shared machine); × (pass model): the ratio of "
-        "train passes + ⅓ × extra forwards, what the times would give without noise. steps: optimizer steps. "
-        "train passes: "
-        "samples through forward + backward, summed over bit-widths; extra forwards: no-grad forwards for "
-        "distillation teachers (a bit-width whose teacher trained on another subset needs the teacher's logits "
-        "on its own batch), for scoring, and for the BatchNorm statistics pass every run ends with. "
-        "Accuracy: test top-1 at each bit-width after the last epoch; Δ avg: average over bit-widths minus "
-        "anyprecision's. avg % (BN re-est.): emqnet runs' average with the shared BatchNorm's statistics "
-        "re-estimated at each bit-width (20 batches, `anybit eval --recalibrate-bn`; not part of the target). "
-        "overlap: mean pairwise Jaccard index of the bit-widths' subsets per epoch.",
+        "wall s: wall-clock time of `MultiBitTrainer.fit()` (scoring, sampling, data loading, training, the final "
+        "BatchNorm statistics pass; evaluation excluded). × faster: anyprecision's time divided by the run's "
+        "(wall clock, and process CPU time, less sensitive to other work on the machine). × one float model: the "
+        "run's wall time divided by `dedicated-32`'s (one float network, full data, same epochs). steps: optimizer "
+        "steps. Accuracy: test top-1 at each trained bit-width; Δ avg: average minus anyprecision's.",
+        "",
+        "Runs: " + "; ".join(f"`{r['run']}`: {r['description']}" for r in report["runs"]) + ".",
+        "",
+        "Untrained bit-widths, on the same weights (emqnet: statistics derived by each rule, no data; "
+        "anyprecision: a BatchNorm per bit-width copied from the nearest trained one and re-estimated on 20 "
+        "batches):",
+        "",
+        untrained_table(report["runs"]),
         "",
     ]
     if v.get("met") is not None:
-        lines.append(
-            f"Target (≥{v['speedup_target']:g}× less wall time than anyprecision, average accuracy within "
-            f"{v['accuracy_gap_allowed']:g} point): **{'met' if v['met'] else 'not met'}** — "
-            f"wall clock {v['speedup_wall']:.2f}× ({'met' if v['speed_met'] else 'not met'}; CPU time "
-            f"{v['speedup_cpu']:.2f}×, pass model {v['speedup_passes']:.2f}×), "
-            f"Δ average accuracy {v['avg_accuracy_delta']:+.2f} points "
-            f"({'met' if v['accuracy_met'] else 'not met'})."
-        )
-        lines.append("")
-    lines += notes(report)
+        lines += [
+            f"Target (emqnet's default recipe ≥ {v['speedup_target']:g}× less wall time than anyprecision, average "
+            f"within {v['avg_gap_allowed']:g} point, every bit-width within {v['bit_gap_allowed']:g} points, untrained "
+            f"3/5/6 bits without data at least anyprecision's after BN re-calibration): "
+            f"**{'met' if v['met'] else 'not met'}** — {v['speedup_wall']:.2f}× wall clock "
+            f"({'met' if v['speed_met'] else 'not met'}; CPU time {v['speedup_cpu']:.2f}×), average "
+            f"{v['avg_accuracy_delta']:+.2f} points ({'met' if v['avg_met'] else 'not met'}), worst bit-width "
+            f"{v['worst_bit_delta']:+.2f} ({'met' if v['bits_met'] else 'not met'}), untrained bit-widths with the "
+            f"`{v['untrained_rule']}` rule: {'met' if v['untrained_met'] else 'not met'}. emqnet took "
+            f"{_fmt(v.get('times_one_float_model'))}× the time of one float model.",
+            "",
+        ]
     lines += [
         "Paper-scale setting (GPU; CIFAR-10 in torchvision layout under DIR):",
         "",
         "    python benchmarks/training_cost.py --full --data-dir DIR --device cuda --tag full",
         "",
-        "Raw results: `benchmarks/results/training_cost.json`. Sampler details: [coreset.md](coreset.md).",
+        f"Raw results: `benchmarks/results/training_cost{'-' + tag if tag else ''}.json`. How to read them: "
+        "[training.md](training.md#the-emqnet-recipe-and-what-it-costs).",
         "",
     ]
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(lines))
+    path = doc_path(tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

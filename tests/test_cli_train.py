@@ -150,3 +150,23 @@ def test_cli_resume_matches_uninterrupted_run(anyprecision_run, tmp_path, monkey
 
 def _must_not_run(*args, **kwargs):
     raise AssertionError("work started before the input was validated")
+
+
+def test_the_last_epoch_line_reports_what_eval_reports_for_the_checkpoint(tmp_path, capsys):
+    """emqnet with per-precision BatchNorm statistics: the accuracy the training prints for its last epoch (on its
+    fixed test subset) is the accuracy ``anybit eval`` measures on the saved checkpoint with the same subset."""
+    out = tmp_path / "emq"
+    data = ["--dataset", "synthetic", "--data-option", "num_samples=160", "--data-option", "channels=1",
+            "--data-option", "image_size=8"]
+    assert main(["train", "--model", "resnet20", "--width", "0.5", *data, "--bits", "1,2,32", "--epochs", "2",
+                 "--batch-size", "16", "--coreset-fraction", "0.5", "--test-subset", "64", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    last_line = [line for line in captured.err.splitlines() if line.startswith("epoch 2/2")][-1]
+    assert "64 test images" in captured.out
+    assert main(["eval", str(out), "--bits", "1,2,32", "--test-subset", "64", "--quiet"]) == 0
+    evaluated = json.loads((out / "eval" / "run.json").read_text())["metrics"]
+    trained = json.loads((out / "run.json").read_text())["metrics"]["final"]
+    for b in ("1", "2", "32"):
+        assert trained[b]["test_acc"] == evaluated[b]["accuracy"]
+        assert f"{b}b {evaluated[b]['accuracy']:.1f}%" in last_line

@@ -206,7 +206,11 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_method_defaults():
-    assert TrainConfig(method="emqnet").resolved().coreset_fraction == 0.2
+    emqnet = TrainConfig(method="emqnet").resolved()
+    assert emqnet.coreset_fraction == 0.2 and emqnet.coreset_score == "random" and emqnet.distill == "none"
+    assert emqnet.bn_stats == "per-precision" and emqnet.coreset_steps == "subset"
+    with pytest.raises(TrainConfigError, match="applies to method 'emqnet'"):
+        TrainConfig(method="anyprecision", bn_stats="shared")
     assert TrainConfig(method="anyprecision").resolved().distill == "recursive"
     assert TrainConfig(method="dedicated").resolved().distill == "none"
     assert TrainConfig(optimizer="adam").resolved().lr == 1e-3
@@ -229,7 +233,7 @@ def test_resume_reaches_the_same_weights_and_metrics(datasets, tmp_path):
     """emqnet with a 0.5 coreset (sampler state, per-bit subsets, the teachers' logit memory), Adam, step schedule."""
     train, test = datasets
     config = TrainConfig(bits=(1, 4, 32), method="emqnet", epochs=3, batch_size=32, coreset_fraction=0.5,
-                         optimizer="adam", lr=3e-3, schedule="step", coreset_score="el2n")
+                         optimizer="adam", lr=3e-3, schedule="step", coreset_score="el2n", distill="recursive")
 
     def make(out, hook=None):
         torch.manual_seed(0)

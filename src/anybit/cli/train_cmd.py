@@ -53,13 +53,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=float, help="weight decay on weights (default: 5e-4 sgd, 0 adam)")
     p.add_argument("--schedule", default="cosine", help=f"{', '.join(SCHEDULES)} (default: %(default)s)")
-    p.add_argument("--distill", help=f"{', '.join(DISTILL_CHOICES)} (default: recursive; none for dedicated)")
+    p.add_argument("--distill", help=f"{', '.join(DISTILL_CHOICES)} (default: recursive for anyprecision, none "
+                                     f"for emqnet and dedicated)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="on the top precision's labels (default: 0)")
     p.add_argument("--keep-first-last", default="32",
                    help="bit-width of the first and last layer, or 'none' to quantize them too (default: 32)")
     p.add_argument("--coreset-fraction", type=float,
                    help="share of the data each bit-width sees per epoch (default: 0.2 for emqnet; 1 = off)")
-    p.add_argument("--coreset-score", default="el2n", help=f"{', '.join(CORESET_SCORES)} (default: %(default)s)")
+    p.add_argument("--coreset-score", default="random",
+                   help=f"{', '.join(CORESET_SCORES)}: how each bit-width's subset is drawn; random = uniform, "
+                        f"disjoint between bit-widths (default: %(default)s)")
     p.add_argument("--coreset-refresh", type=non_negative_int, default=0, metavar="R",
                    help="re-score every R epochs (default: 0, scored once)")
     p.add_argument("--coreset-warmup", type=non_negative_int, default=1, metavar="E",
@@ -191,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
               + (f", resuming after epoch {trainer.check_resumable()}" if args.resume else ""))
     trainer.fit(resume=args.resume)
     print(trainer.summary_table())
+    print(f"test top-1 on {len(test_set)} test images" + (f" (a fixed --test-subset; anybit eval {out} "
+          f"--test-subset {args.test_subset} measures the same ones, without it the whole test split)"
+          if args.test_subset else ""))
     print(f"wrote {out}/model.safetensors, run.json, log.csv, accuracy.png "
           f"({trainer.timings.get('fit', 0.0):.1f} s training)")
     return 0

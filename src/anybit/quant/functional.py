@@ -173,7 +173,7 @@ def weight_bias_correction(
 # PyTorch's fused per-tensor fake-quantize kernels are slow on CPU (measured 15-35x the time of three
 # vectorised passes over the activation), and so is clamp's backward. On CPU, grids that receive no
 # gradient go through these two functions instead: the forward is a few in-place passes, and the
-# straight-through backward is ``threshold_backward`` twice. The results equal PyTorch's kernels.
+# straight-through backward is one ``hardtanh_backward`` pass. The results equal PyTorch's kernels.
 class _FixedGridFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
@@ -202,6 +202,8 @@ class _ClampSTE(torch.autograd.Function):
 
 def _to_grid(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """``(clamp(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale``, as PyTorch computes it."""
+    if zero_point == 0:   # the usual [0, hi] activation range: two passes fewer
+        return (x * (1.0 / scale)).round_().clamp_(qmin, qmax).mul_(scale)
     return (x * (1.0 / scale)).add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
@@ -211,9 +213,8 @@ def _grid_span(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple[flo
 
 
 def _pass_between(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """``grad`` where ``lo < x < hi``, else 0."""
-    grad = torch.ops.aten.threshold_backward(grad, x, lo)
-    return torch.ops.aten.threshold_backward(grad, x.neg(), -hi)
+    """``grad`` where ``lo < x < hi``, else 0 (one fused pass)."""
+    return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
 
 
 def fake_quant_fixed_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ CORESET_STEPS = ("full", "subset")
 _METHOD_DEFAULTS = {
     "dedicated": {"distill": "none", "coreset_fraction": 1.0},
     "anyprecision": {"distill": "recursive", "coreset_fraction": 1.0},
-    "emqnet": {"distill": "recursive", "coreset_fraction": 0.2, "bn_stats": "per-precision", "coreset_steps": "subset"},
+    "emqnet": {"distill": "none", "coreset_fraction": 0.2, "bn_stats": "per-precision", "coreset_steps": "subset"},
 }
 _OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adam": {"lr": 1e-3, "weight_decay": 0.0}}
 
@@ -32,9 +32,11 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     """How :class:`anybit.train.MultiBitTrainer` trains.
 
-    ``None`` means "the default of the method or optimizer": distillation ``recursive`` (``none`` for
-    ``dedicated``), coreset fraction 0.2 for ``emqnet`` and 1 (off) otherwise, learning rate 0.1 (SGD)
-    or 1e-3 (Adam), weight decay 5e-4 (SGD) or 0 (Adam). See :meth:`resolved`.
+    ``None`` means "the default of the method or optimizer": distillation ``recursive`` for
+    ``anyprecision`` (``none`` for ``dedicated`` and ``emqnet``), coreset fraction 0.2 for ``emqnet`` and 1
+    (off) otherwise, learning rate 0.1 (SGD) or 1e-3 (Adam), weight decay 5e-4 (SGD) or 0 (Adam). See
+    :meth:`resolved`. ``coreset_score`` ``random`` (the default) draws each bit-width's subset uniformly,
+    disjoint from the others'; ``el2n`` and the other scores weight the draw by a per-bit-width score.
 
     ``final_bn_batches``: after the last epoch, every BatchNorm's running statistics are re-estimated
     over this many training batches per bit-width (see :func:`anybit.train.reestimate_bn`); 0 keeps
@@ -62,7 +64,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     keep_first_last: int | None = 32
     coreset_fraction: float | None = None
-    coreset_score: str = "el2n"
+    coreset_score: str = "random"
     coreset_refresh: int = 0
     coreset_warmup: int = 1
     coreset_steps: str | None = None
