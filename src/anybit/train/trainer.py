@@ -23,18 +23,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save
 from ..data import make_loader
-from ..evaluation import evaluate, logits_of
+from ..evaluation import evaluate
 from ..progress import progress
 from ..quant import precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
 from .bn import reestimate_bn
-from .config import TrainConfig, config_differences
-from .config import TrainConfigError
+from .config import TrainConfig, TrainConfigError, config_differences
 from .distill import Distillation, TeacherMemory
 from .methods import METHODS, BitModels, build_models
 from .optim import LRSchedule, build_optimizer
-from .sampling import CoresetOptions, EpochSampler, FullDataSampler, checked_plan, describe, make_sampler, plan_overlap
+from .sampling import (
+    CoresetOptions,
+    EpochSampler,
+    FullDataSampler,
+    checked_plan,
+    describe,
+    make_sampler,
+    plan_overlap,
+)
 from .state import ResumeError, has_state, load_state, read_state_header, rng_state, save_state, set_rng_state
+from .step import MultiBitStep
 
 LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
                "train_s", "scoring_s", "eval_s"]
@@ -85,13 +93,13 @@ class MultiBitTrainer:
 
         self.bits = cfg.bits_desc                       # training order: highest precision first
         self.models: BitModels = build_models(model, cfg).to(self.device)
-        self.distill = Distillation(cfg.distill, self.bits, cfg.label_smoothing)
         self.optimizer = build_optimizer(self.models, cfg)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.epochs)
         self.sampler = sampler if sampler is not None else make_sampler(
             CoresetOptions(cfg.coreset_fraction, cfg.coreset_score, cfg.coreset_refresh, cfg.coreset_warmup,
                            cfg.seed), self.train_set, self.bits)
         self.memory = self._teacher_memory()
+        self.step = MultiBitStep(self.models, self.bits, cfg.distill, cfg.label_smoothing, self.memory)
 
         self.epoch = 0                                   # epochs completed
         self.history: list[dict] = []
@@ -186,20 +194,11 @@ class MultiBitTrainer:
             self.schedule.apply(epoch + step / len(batches))
             logits_at: dict[int, torch.Tensor] = {}
             for b in bits:
-                # 2. forward at b
+                # 2.-3. forward at b, loss (labels at the top precision, a teacher's soft labels below it if
+                # distilling), backward: gradients of all bit-widths accumulate
                 stats.timer.start(b)
-                model = self.models.for_bits(b)
-                set_precision(model, b)
-                images, labels, indices = batch[b]
-                logits = logits_of(model(images))
-                # 3. loss: labels at the top precision, the teacher's soft labels below it
-                teacher = self._teacher_logits(b, batch, logits_at)
-                loss = self.distill.loss(logits, labels, teacher)
-                loss.backward()                       # gradients of all bit-widths accumulate
-                logits_at[b] = logits.detach()
-                if self.memory is not None:
-                    self.memory.store(b, indices, logits_at[b])
-                stats.add(b, loss, logits_at[b], labels)
+                result = self.step.run_bit(b, batch, logits_at)
+                stats.add(b, result.loss, result.logits, batch[b][1])
                 stats.timer.stop(b)
             # 4. one optimizer step for all bit-widths
             self.optimizer.step()
@@ -218,7 +217,7 @@ class MultiBitTrainer:
 
     def _teacher_memory(self) -> TeacherMemory | None:
         """Where a student finds its teacher's logits when their batches differ (coreset sampling)."""
-        teachers = self.distill.teacher_bits
+        teachers = Distillation(self.config.distill, self.bits).teacher_bits
         if not teachers or isinstance(self.sampler, FullDataSampler):
             return None
         classes = getattr(self.train_set, "num_classes", None)
@@ -239,17 +238,6 @@ class MultiBitTrainer:
             return cfg.batch_size
         full_steps = max(1, len(self.train_set) // cfg.batch_size)
         return max(2, min(cfg.batch_size, subset // full_steps))
-
-    def _teacher_logits(self, b: int, batch: dict, logits_at: dict):
-        """The teacher's logits on ``b``'s batch: its logits of this step when it trained on the same batch,
-        else what it computed the last time it trained on these samples (:class:`TeacherMemory`; samples
-        it has not seen yet learn from their labels). Never an extra forward."""
-        t = self.distill.teacher(b)
-        if t is None:
-            return None
-        if batch[t] is batch[b]:
-            return logits_at[t]
-        return self.memory.read(t, batch[b][2]) if self.memory is not None else None
 
     def _reestimate_bn(self, record: dict) -> float:
         """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
