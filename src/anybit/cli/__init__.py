@@ -9,10 +9,13 @@ import traceback
 
 import anybit
 
+from anybit.train.distributed import launched_by_torchrun
+
 from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
-from .common import close_out_dirs
+from .common import CLIError, close_out_dirs
 
 SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd]
+DISTRIBUTED_COMMANDS = ("train",)   # the ones that share their work between torchrun's processes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("ANYBIT_DEBUG"))
     succeeded = False
     try:
+        if launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
+            raise CLIError(f"anybit {args.command} runs in one process: start it without torchrun (train shares its "
+                           f"work between torchrun's processes)")
         status = args.func(args) or 0
         succeeded = status == 0
         return status

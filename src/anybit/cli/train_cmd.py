@@ -1,4 +1,7 @@
-"""``anybit train``: train one network for a list of bit-widths (dedicated, anyprecision, emqnet)."""
+"""``anybit train``: train one network for a list of bit-widths (dedicated, anyprecision, emqnet).
+
+Under ``torchrun`` every process runs this command; rank 0 checks the output directory, writes and prints.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from anybit import data as anydata
 from anybit import models
 from anybit.quant import parse_bit_list
 from anybit.train import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, MultiBitTrainer, TrainConfig
-from anybit.train.config import BN_STATS, BN_UNTRAINED, CORESET_STEPS, OPTIMIZERS, SCHEDULES
+from anybit.train.config import AMP_CHOICES, BN_STATS, BN_UNTRAINED, CORESET_STEPS, OPTIMIZERS, SCHEDULES
+from anybit.train.distributed import DistContext
 from anybit.train.state import has_state, read_state_header
 from anybit.train.trainer import check_same_config
 
@@ -23,10 +27,10 @@ from .common import (
     non_negative_int,
     positive_int,
     prepare_out_dir,
-    resolve_device,
     seed_everything,
     subset_of,
 )
+from .distributed import add_distributed_args, auto_workers, start, workers_arg
 
 
 def add_parser(subparsers) -> None:
@@ -84,9 +88,17 @@ def add_parser(subparsers) -> None:
                         "left (default: %(default)s)")
     p.add_argument("--eval-every", type=non_negative_int, default=1, metavar="E",
                    help="evaluate on the test split every E epochs; 0 = at the end only (default: 1)")
-    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="data-loading processes per training process; auto: 0 for datasets held in memory, "
+                        "the process's cores less one (at most 8) for imagefolder (default: %(default)s)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                   help="bf16: training passes at 4 bits or fewer under bf16 autocast (higher bit-widths, float, "
+                        "scoring and evaluation stay float32); meant for CUDA (default: %(default)s)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="networks and batches in channels-last memory format; auto: on CUDA (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     add_run_args(p)
+    add_distributed_args(p)
     p.set_defaults(func=run)
 
 
@@ -122,12 +134,16 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
         coreset_warmup=args.coreset_warmup, coreset_steps=args.coreset_steps, bn_stats=args.bn_stats,
         bn_untrained=args.bn_untrained, final_bn_batches=args.final_bn_batches, seed=args.seed,
-        eval_every=args.eval_every, num_workers=args.workers,
+        eval_every=args.eval_every, num_workers=args.workers, amp=getattr(args, "amp", "off"),
     ).resolved()
 
 
-def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
-    """Check everything that can be checked without data: config, model, dataset, output directory."""
+def validate(args: argparse.Namespace, ctx: DistContext | None = None) -> tuple[TrainConfig, dict, dict]:
+    """Check everything that can be checked without data: config, model, dataset, output directory (the
+    output directory on rank 0 only: it is the one that writes)."""
+    ctx = ctx or DistContext()
+    if args.workers == "auto":
+        args.workers = auto_workers(args.dataset, ctx.local_world_size)
     config = build_config(args)
     if not args.dataset:
         raise CLIError("--dataset is required: fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
@@ -140,9 +156,11 @@ def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
     run_info = {"model": args.model, "width": args.width, "dataset": info["name"], "data_options": options,
                 "train_subset": args.train_subset, "test_subset": args.test_subset}
     out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise CLIError("--overwrite and --resume contradict each other: choose one")
+    if not ctx.is_main:
+        return config, run_info, info
     if args.resume:
-        if args.overwrite:
-            raise CLIError("--overwrite and --resume contradict each other: choose one")
         if not has_state(out):
             raise CLIError(f"--resume: {out} holds no interrupted run (no {out}/state/state.json); "
                            f"drop --resume to start a new run")
@@ -165,34 +183,49 @@ def build_model(args: argparse.Namespace, info: dict, num_classes: int):
 
 def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
-    config, run_info, info = validate(args)
-    device = resolve_device(args.device)
-    # Built before any data is read, so that a bad model name or shape fails at once (imagefolder
-    # learns its class count from the directory, so its model waits for the data).
-    model = build_model(args, info, info["num_classes"]) if info["num_classes"] else None
+    ctx = start(args)   # under torchrun: this process's rank; else one process on --device
+    try:
+        return _train(args, ctx)
+    finally:
+        ctx.close()
 
-    t0 = time.perf_counter()
-    options = run_info["data_options"]
-    train_set = anydata.load(info["name"], "train", data_dir=args.data_dir, **options)
-    test_set = anydata.load(info["name"], "test", data_dir=args.data_dir, **options)
-    train_set = subset_of(train_set, args.train_subset, "--train-subset", args.seed)
-    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
-    data_seconds = time.perf_counter() - t0
-    if model is None:
-        model = build_model(args, info, train_set.num_classes)
 
-    out = prepare_out_dir(args.out, args.overwrite, resume=args.resume, can_resume=True)
+def _train(args: argparse.Namespace, ctx: DistContext) -> int:
+    with ctx.agreed("the set-up"):   # a mistake any rank finds stops every rank
+        config, run_info, info = validate(args, ctx)
+        # Built before any data is read, so that a bad model name or shape fails at once (imagefolder
+        # learns its class count from the directory, so its model waits for the data).
+        model = build_model(args, info, info["num_classes"]) if info["num_classes"] else None
+
+        t0 = time.perf_counter()
+        options = run_info["data_options"]
+        train_set = anydata.load(info["name"], "train", data_dir=args.data_dir, **options)
+        test_set = anydata.load(info["name"], "test", data_dir=args.data_dir, **options)
+        train_set = subset_of(train_set, args.train_subset, "--train-subset", args.seed)
+        test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
+        data_seconds = time.perf_counter() - t0
+        if model is None:
+            model = build_model(args, info, train_set.num_classes)
+        out = (prepare_out_dir(args.out, args.overwrite, resume=args.resume, can_resume=True) if ctx.is_main
+               else Path(args.out))
+
     trainer = MultiBitTrainer(
-        model, train_set, test_set, config, device=device, out_dir=out, quiet=args.quiet, run_info=run_info,
+        model, train_set, test_set, config, out_dir=out, quiet=args.quiet, run_info=run_info,
         data_info={"dataset": info["name"], "options": options, "train_subset": args.train_subset},
+        distributed=ctx, channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
     )
     if not args.resume:
         trainer.add_time("data", data_seconds)
-    if not args.quiet:
+    show = ctx.is_main
+    if show and not args.quiet:
         print(f"training {args.model} on {info['name']} ({len(train_set)} samples) for bits "
               f"{','.join(map(str, sorted(config.bits)))} with {config.method}, {config.epochs} epochs"
+              + (f", {ctx.world_size} processes ({ctx.backend}), {config.batch_size // ctx.world_size} samples "
+                 f"per process and step" if ctx.enabled else "")
               + (f", resuming after epoch {trainer.check_resumable()}" if args.resume else ""))
     trainer.fit(resume=args.resume)
+    if not show:
+        return 0
     print(trainer.summary_table())
     print(f"test top-1 on {len(test_set)} test images" + (f" (a fixed --test-subset; anybit eval {out} "
           f"--test-subset {args.test_subset} measures the same ones, without it the whole test split)"

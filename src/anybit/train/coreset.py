@@ -85,7 +85,9 @@ class BitwiseCoresetSampler:
     seed: subsets are a function of (seed, epoch, bit-width, scores).  rank/world_size: this
     process's shard.  batch_size: scoring batch size.  alpha/floor: sampling weights
     ``(s / mean s) ** alpha + floor``.  shared_subset: one subset for all bit-widths (ablation), drawn
-    from the mean of the bit-widths' normalised scores.
+    from the mean of the bit-widths' normalised scores.  distributed: a
+    :class:`~anybit.train.distributed.DistContext` (rank and world size come from it); with several ranks
+    each scores its share of the data and the scores are gathered, so every rank holds all of them.
     """
 
     def __init__(
@@ -103,7 +105,14 @@ class BitwiseCoresetSampler:
         alpha: float = 1.0,
         floor: float = 0.1,
         shared_subset: bool = False,
+        distributed=None,
     ) -> None:
+        if distributed is not None and distributed.enabled:
+            if (rank, world_size) not in ((0, 1), (distributed.rank, distributed.world_size)):
+                raise CoresetError(f"rank={rank}, world_size={world_size} differ from the distributed context's "
+                                   f"rank {distributed.rank} of {distributed.world_size}: give one or the other")
+            rank, world_size = distributed.rank, distributed.world_size
+        self.distributed = distributed
         self.num_samples = _check_int(num_samples, "num_samples", 1)
         self.fraction = _check_fraction(fraction)
         self.score = check_score_name(score)
@@ -174,8 +183,9 @@ class BitwiseCoresetSampler:
         start = time.perf_counter()
         if self.score == "random" or self.is_full:
             return self._accounting(start, epoch, bits, {})
+        chunk = self.score_chunk()
         try:
-            values, seconds = score_dataset(model, dataset, bits, self.score, device, self.batch_size)
+            values, seconds = score_dataset(model, dataset, bits, self.score, device, self.batch_size, indices=chunk)
         except RangeNotCalibratedError as err:
             # A model never run at a quantized precision in training mode has no activation ranges yet;
             # its scores would be noise anyway. Skip: with no scores, needs_scoring() asks again next epoch.
@@ -185,6 +195,8 @@ class BitwiseCoresetSampler:
             info = self._accounting(start, epoch, bits, {})
             info["skipped"] = "activation ranges not initialised"
             return info
+        if chunk is not None:   # every rank scored its part: put the parts together, in dataset order
+            values = {b: self.distributed.gather_chunks(values[b]) for b in bits}
         for b in bits:
             if self.score == "forgetting":
                 tracker = self.trackers.setdefault(b, ForgettingTracker(self.num_samples))
@@ -193,7 +205,21 @@ class BitwiseCoresetSampler:
             else:
                 self.scores[b] = values[b]
         self.scored_epochs.append(int(epoch))
-        return self._accounting(start, epoch, bits, seconds)
+        info = self._accounting(start, epoch, bits, seconds)
+        if chunk is not None:   # the model time per bit-width is this rank's, on its part
+            for b in bits:
+                info["per_bits"][b]["samples"] = int(chunk.numel())
+            info["rank"] = {"rank": self.distributed.rank, "samples_scored": int(chunk.numel()) * len(bits)}
+        return info
+
+    def score_chunk(self) -> torch.Tensor | None:
+        """The dataset indices this rank scores: a contiguous block of ``ceil(N / world_size)`` (the last one
+        shorter); ``None`` (all of them) without a distributed context of several ranks."""
+        ctx = self.distributed
+        if ctx is None or not ctx.enabled:
+            return None
+        size = math.ceil(self.num_samples / ctx.world_size)
+        return torch.arange(ctx.rank * size, min(self.num_samples, (ctx.rank + 1) * size))
 
     def _accounting(self, start: float, epoch: int, bits: list[int], seconds: dict[int, float]) -> dict:
         per = {b: self.num_samples for b in seconds}
@@ -312,16 +338,18 @@ class BitwiseCoresetSampler:
 
 
 def build_sampler(options, dataset, bits: Sequence[int] | None = None, *, rank: int = 0, world_size: int = 1,
-                  batch_size: int = 256) -> BitwiseCoresetSampler:
+                  batch_size: int = 256, distributed=None) -> BitwiseCoresetSampler:
     """A :class:`BitwiseCoresetSampler` for ``dataset`` from an options object with ``fraction``,
     ``score``, ``refresh``, ``warmup``, ``seed`` (and optionally ``alpha``, ``floor``, ``shared_subset``,
-    ``rank``, ``world_size``, ``batch_size``) attributes, e.g. ``anybit.train.sampling.CoresetOptions``."""
+    ``rank``, ``world_size``, ``batch_size``) attributes, e.g. ``anybit.train.sampling.CoresetOptions``;
+    ``distributed``: a DistContext whose ranks share the scoring."""
     get = lambda name, default: getattr(options, name, default)  # noqa: E731
     return BitwiseCoresetSampler(
         len(dataset), get("fraction", 0.2), get("score", "el2n"), refresh=get("refresh", 0),
         warmup=get("warmup", 0), seed=get("seed", 0), rank=get("rank", rank),
         world_size=get("world_size", world_size), batch_size=get("batch_size", batch_size),
         alpha=get("alpha", 1.0), floor=get("floor", 0.1), shared_subset=get("shared_subset", False),
+        distributed=distributed,
     )
 
 

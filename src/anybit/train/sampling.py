@@ -70,9 +70,10 @@ class CoresetOptions:
         return asdict(self)
 
 
-def make_sampler(options: CoresetOptions, dataset, bits: list[int]) -> EpochSampler:
+def make_sampler(options: CoresetOptions, dataset, bits: list[int], distributed=None) -> EpochSampler:
     """The sampler for these options: full data when ``fraction`` is 1, else the bit-wise coreset
-    sampler of ``anybit.train.coreset`` (full data, with a warning, where that module is missing)."""
+    sampler of ``anybit.train.coreset`` (full data, with a warning, where that module is missing);
+    ``distributed`` (a DistContext) shards the coreset sampler's scoring over the ranks."""
     if options.fraction >= 1:
         return FullDataSampler()
     try:
@@ -81,7 +82,7 @@ def make_sampler(options: CoresetOptions, dataset, bits: list[int]) -> EpochSamp
         warnings.warn("anybit.train.coreset is not available: training on the full data instead of a "
                       f"{options.fraction:g} coreset", stacklevel=2)
         return FullDataSampler()
-    return coreset.build_sampler(options, dataset, bits)
+    return coreset.build_sampler(options, dataset, bits, distributed=distributed)
 
 
 def describe(sampler: EpochSampler) -> dict:

@@ -158,9 +158,10 @@ def _batch_scores(score: str, logits: torch.Tensor, labels: torch.Tensor, featur
 
 
 @torch.no_grad()
-def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, device, batch_size: int = 256
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-    """Scores of every sample of ``dataset`` at each bit-width in ``bits``, on its un-augmented view.
+def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, device, batch_size: int = 256,
+                  indices: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Scores of every sample of ``dataset`` (or of the samples at ``indices``, in that order) at each
+    bit-width in ``bits``, on its un-augmented view.
 
     One pass over the data; each batch goes through the model once per bit-width under
     ``anybit.precision(model, b)`` in eval mode. Returns ``({bits: scores (N,)}, {bits: seconds})``;
@@ -170,9 +171,12 @@ def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, de
     from ..data import make_loader
     from ..quant import precision
 
+    from torch.utils.data import Subset
+
     check_score_name(score)
     device = torch.device(device)
-    out = {b: torch.empty(len(dataset), dtype=torch.float32) for b in bits}
+    source = dataset if indices is None else Subset(dataset, indices.tolist())
+    out = {b: torch.empty(len(source), dtype=torch.float32) for b in bits}
     seconds = {b: 0.0 for b in bits}
     capture = None
     has_augment = hasattr(dataset, "augment")
@@ -186,7 +190,7 @@ def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, de
             capture = _InputCapture(layer)
         model.eval()
         start = 0
-        for images, labels in make_loader(dataset, batch_size, shuffle=False):
+        for images, labels in make_loader(source, batch_size, shuffle=False):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             n = labels.shape[0]
@@ -200,8 +204,8 @@ def score_dataset(model: nn.Module, dataset, bits: Sequence[int], score: str, de
                 out[b][start:start + n] = values.float().cpu()
                 seconds[b] += time.perf_counter() - t0
             start += n
-        if start != len(dataset):
-            raise ValueError(f"the data loader gave {start} samples for a dataset of length {len(dataset)}")
+        if start != len(source):
+            raise ValueError(f"the data loader gave {start} samples for a dataset of length {len(source)}")
     finally:
         if capture is not None:
             capture.remove()

@@ -13,11 +13,16 @@
 In a Lightning module, return ``self.step.loss(batch)`` from ``training_step`` (Lightning runs the
 backward pass). A step's batch is ``(images, labels)`` for every bit-width, or ``{bits: (images, labels,
 indices)}`` when each bit-width trains on its own samples (bit-wise coreset sampling).
+
+Under ``torchrun``, pass the ``DistributedDataParallel`` wrapper of the model as ``forward_module``: every
+bit-width but the last runs inside its ``no_sync()``, so gradients are averaged over the processes once
+per step, after all bit-widths have added theirs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +30,7 @@ from torch import nn
 
 from ..evaluation import logits_of
 from ..quant import quant_layers, set_precision
-from .config import TrainConfig
+from .config import AMP_CHOICES, AMP_MAX_BITS, TrainConfig, TrainConfigError
 from .distill import Distillation, TeacherMemory
 
 
@@ -45,20 +50,41 @@ class MultiBitStep:
     ``recursive`` (each bit-width learns the next higher one's soft labels) or ``from-top``. When a student's
     batch is not its teacher's, the teacher's logits come from ``memory`` (a :class:`TeacherMemory`, which
     needs the batches' dataset indices); without one, those students learn from their labels.
+
+    ``forward_module``: what runs the forward pass, a module or a function of the bit-width giving one
+    (e.g. the ``DistributedDataParallel`` wrapper of ``model``); a module with ``no_sync()`` synchronises
+    gradients only in the last bit-width it runs in a step. ``amp="bf16"``: the passes at ``AMP_MAX_BITS``
+    (4) bits or fewer run under bf16 autocast; higher bit-widths and float stay in float32 (see
+    docs/distributed.md for why).
     """
 
     def __init__(self, model: nn.Module, bits: Iterable[int], distill: str = "none", label_smoothing: float = 0.0,
-                 memory: TeacherMemory | None = None) -> None:
+                 memory: TeacherMemory | None = None, *,
+                 forward_module: nn.Module | Callable[[int], nn.Module] | None = None, amp: str = "off") -> None:
         if not quant_layers(model):
             raise TypeError("MultiBitStep needs a converted model: call anybit.train.prepare_model(model, config) "
                             "or anybit.convert(model, spec) first")
         config = TrainConfig(bits=tuple(bits), distill=distill, label_smoothing=label_smoothing)  # validates
+        if amp not in AMP_CHOICES:
+            raise TrainConfigError(f"amp={amp!r} is unknown: expected one of {', '.join(AMP_CHOICES)}")
         self.model = model
         # the trainer's BitModels hold one network per bit-width for 'dedicated'
         self._model_for = model.for_bits if hasattr(model, "for_bits") else (lambda bits: model)
         self.bits = config.bits_desc
         self.distill = Distillation(distill, self.bits, label_smoothing)
         self.memory = memory
+        self.amp = amp
+        if forward_module is None:
+            self._runner_for = self._model_for
+        elif isinstance(forward_module, nn.Module):
+            self._runner_for = lambda bits: forward_module
+        else:
+            self._runner_for = forward_module
+        # a runner's gradients are synchronised in the last bit-width (of the step's order) that uses it
+        last: dict[int, int] = {}
+        for b in self.bits:
+            last[id(self._runner_for(b))] = b
+        self._sync_bits = set(last.values())
 
     def run_bit(self, bits: int, batch: Mapping, logits_at: dict[int, torch.Tensor], backward: bool = True
                 ) -> BitResult:
@@ -67,15 +93,25 @@ class MultiBitStep:
         model = self._model_for(bits)
         set_precision(model, bits)
         images, labels, *rest = batch[bits]
-        logits = logits_of(model(images))
-        loss = self.distill.loss(logits, labels, self._teacher(bits, batch, logits_at))
-        if backward:
-            loss.backward()
-            loss = loss.detach()
-        logits_at[bits] = logits.detach()
+        runner = self._runner_for(bits)
+        no_sync = backward and bits not in self._sync_bits and hasattr(runner, "no_sync")
+        with runner.no_sync() if no_sync else nullcontext():
+            with self.autocast(bits, images.device):
+                logits = logits_of(runner(images))
+                loss = self.distill.loss(logits, labels, self._teacher(bits, batch, logits_at))
+            if backward:
+                loss.backward()
+                loss = loss.detach()
+        logits_at[bits] = logits.detach().float()
         if self.memory is not None and rest:
             self.memory.store(bits, rest[0], logits_at[bits])
         return BitResult(loss, logits_at[bits])
+
+    def autocast(self, bits: int, device: torch.device):
+        """bf16 autocast for a pass at ``bits`` when ``amp="bf16"`` and ``bits <= AMP_MAX_BITS``, else nothing."""
+        if self.amp == "bf16" and bits <= AMP_MAX_BITS:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def __call__(self, images_or_batch, labels: torch.Tensor | None = None, backward: bool = True
                  ) -> dict[int, BitResult]:

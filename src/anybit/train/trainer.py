@@ -5,10 +5,17 @@ mini-batch and every trained bit-width, highest first: forward at that bit-width
 top precision, a teacher's soft labels below it) → backward (gradients accumulate) → one optimizer step
 → log. Methods differ only in the networks built (:mod:`.methods`), the teacher assignment
 (:class:`.Distillation`) and the sampler (:mod:`.sampling`).
+
+Under ``torchrun`` (``distributed=`` a :class:`~.distributed.DistContext` of several ranks) the same loop
+runs in every process: the networks are wrapped in ``DistributedDataParallel``, every step's global batch
+is split between the ranks, gradients are averaged once per step, metrics are summed over the ranks, and
+only rank 0 writes (see docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import sys
 import time
@@ -19,17 +26,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import save
 from ..data import make_loader
 from ..evaluation import evaluate
 from ..progress import progress
-from ..quant import precision, set_precision
+from ..quant import SwitchableBatchNorm, precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
 from .bn import reestimate_bn
 from .config import TrainConfig, TrainConfigError, config_differences
 from .distill import Distillation, TeacherMemory
+from .distributed import (
+    DistContext,
+    DistributedError,
+    broadcast_buffers,
+    digest,
+    parameter_checksum,
+    rank_seed,
+    sync_buffers,
+)
 from .methods import METHODS, BitModels, build_models
 from .optim import LRSchedule, build_optimizer
 from .sampling import (
@@ -47,8 +63,13 @@ from .step import MultiBitStep
 LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
                "train_s", "scoring_s", "eval_s"]
 MEMORY_LIMIT = 4 * 2**30   # bytes of teacher logits kept for distillation with coreset sampling
-# Settings that may change between an interrupted run and its resumption.
+# Settings that may change between an interrupted run and its resumption (and between the ranks of a job).
 RESUME_IGNORED = ("device", "quiet", "data_dir", "out", "num_workers", "resume", "overwrite")
+# Settings added since states were first saved, with the value older states imply.
+_ADDED_SETTINGS = {"amp": "off"}
+# Parts of a sampler's description that depend on the process, not on the run.
+_SAMPLER_PROCESS_KEYS = ("rank", "world_size", "shard_size")
+PHASES = ("scoring", "train", "eval", "final_bn")
 
 
 class MultiBitTrainer:
@@ -63,6 +84,11 @@ class MultiBitTrainer:
     ``run.json`` and ``accuracy.png`` at the end. ``run_info`` (model and data settings) is stored with
     the configuration and compared on resume; ``data_info`` (``{"dataset": ..., "options": {...}}``)
     goes into the checkpoint so that ``anybit eval`` finds the data again.
+
+    ``distributed``: a :class:`~anybit.train.distributed.DistContext` from ``init_distributed()`` (its
+    device replaces ``device``); every rank builds the trainer with the same arguments, only rank 0 writes
+    to ``out_dir`` and prints. ``channels_last``: the networks and batches in channels-last memory format
+    (default: on CUDA).
     """
 
     def __init__(
@@ -79,12 +105,16 @@ class MultiBitTrainer:
         run_info: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
         on_epoch_end: Callable[["MultiBitTrainer", dict], None] | None = None,
+        distributed: DistContext | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         self.config = (config or TrainConfig()).resolved()
         cfg = self.config
-        self.device = torch.device(device)
-        self.quiet = quiet
+        self.dist = distributed if distributed is not None else DistContext(device=torch.device(device))
+        self.device = self.dist.device if distributed is not None else torch.device(device)
+        self.quiet = quiet or not self.dist.is_main
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._writes = self.out_dir is not None and self.dist.is_main
         self.on_epoch_end = on_epoch_end
         self.train_set = train_data.dataset if isinstance(train_data, DataLoader) else train_data
         self.test_data = test_data
@@ -92,27 +122,36 @@ class MultiBitTrainer:
         self.data_info = data_info or {"dataset": getattr(self.train_set, "name", None), "options": {}}
 
         self.bits = cfg.bits_desc                       # training order: highest precision first
+        self._check_batch_split()
         self.models: BitModels = build_models(model, cfg).to(self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.models.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.models, cfg)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.epochs)
         self.sampler = sampler if sampler is not None else make_sampler(
             CoresetOptions(cfg.coreset_fraction, cfg.coreset_score, cfg.coreset_refresh, cfg.coreset_warmup,
-                           cfg.seed), self.train_set, self.bits)
+                           cfg.seed), self.train_set, self.bits, distributed=self.dist)
         self.memory = self._teacher_memory()
-        self.step = MultiBitStep(self.models, self.bits, cfg.distill, cfg.label_smoothing, self.memory)
+        # every rank must train the same thing: compared before DistributedDataParallel touches the weights
+        self.dist.check_same(self._agreement(), "the training settings, data and model")
+        self._ddp = self._wrap_ddp()
+        self.step = MultiBitStep(self.models, self.bits, cfg.distill, cfg.label_smoothing, self.memory,
+                                 forward_module=self._runner, amp=cfg.amp)
 
         self.epoch = 0                                   # epochs completed
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
         self.samples = {str(b): {"train": 0, "scoring": 0, "final_bn": 0} for b in self.bits}
         self.final: dict[str, dict] = {}
-        self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self.out_dir else None
-        self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self.out_dir else None
+        self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self._writes else None
+        self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self._writes else None
 
     # ------------------------------------------------------------------ public API
     def full_config(self) -> dict:
-        """Training settings plus ``run_info``: what a resumed run must match."""
-        return {**self.run_info, **self.config.to_dict(), "sampler": describe(self.sampler)}
+        """Training settings plus ``run_info``: what a resumed run must match (and every rank must share)."""
+        sampler = {k: v for k, v in describe(self.sampler).items() if k not in _SAMPLER_PROCESS_KEYS}
+        return {**self.run_info, **self.config.to_dict(), "sampler": sampler}
 
     def fit(self, resume: bool = False) -> dict:
         """Train for ``config.epochs`` epochs (continuing a saved state with ``resume``); returns the
@@ -121,7 +160,7 @@ class MultiBitTrainer:
         if resume:
             self._restore()
         else:
-            _seed_everything(cfg.seed)
+            _seed_everything(rank_seed(cfg.seed, self.dist.rank))
         start = time.perf_counter()
         for epoch in range(self.epoch, cfg.epochs):
             record = self._train_epoch(epoch)
@@ -129,6 +168,8 @@ class MultiBitTrainer:
                 record["seconds"]["final_bn"] = self._reestimate_bn(record)
             if self.test_data is not None and self._eval_due(epoch):
                 record["seconds"]["eval"] = self._timed_eval(record)
+            self._gather_rank_records(record)
+            self._check_ranks_agree(epoch)
             self.history.append(record)
             self.epoch = epoch + 1
             now = time.perf_counter()
@@ -137,26 +178,57 @@ class MultiBitTrainer:
             self._end_epoch(record)
         self.add_time("fit", time.perf_counter() - start)
         self.final = self._final_metrics()
-        if self.out_dir is not None:
+        if self._writes:
             self._write_outputs()
         for model in self._unique_models():
             set_precision(model, max(self.config.bits))
+        self.dist.barrier("the end of training")   # every rank finishes with rank 0's outputs written
         return {"final": self.final, "history": self.history, "timings_s": dict(self.timings),
-                "samples": self.samples}
+                "samples": self.samples, "throughput": self.throughput()}
 
     def model_for(self, bits: int) -> nn.Module:
         """The trained network that runs at ``bits`` (for dedicated: the one trained nearest to it)."""
         return self.models.for_bits(bits)
 
     def evaluate(self, bits: Iterable[int] | None = None, data: Dataset | Iterable | None = None) -> dict[str, dict]:
-        """Test accuracy and loss at each bit-width (default: the trained ones), on ``data`` or the test data."""
-        loader = self._eval_loader(data if data is not None else self.test_data)
+        """Test accuracy and loss at each bit-width (default: the trained ones), on ``data`` or the test data.
+        With several ranks every rank must call it: a Dataset is split between them and the counts summed."""
+        loader, sharded = self._eval_loader(data if data is not None else self.test_data)
         results = {}
         for b in (self.bits if bits is None else bits):
             model = self.models.for_bits(b)
             with precision(model, b):
-                results[str(b)] = evaluate(model, loader, self.device, desc=f"eval {b}-bit", quiet=self.quiet)
+                r = evaluate(model, loader, self.device, desc=f"eval {b}-bit", quiet=self.quiet)
+            results[str(b)] = self._reduce_eval(r) if sharded else r
         return results
+
+    def throughput(self) -> dict:
+        """Images per second per precision (forward and backward at that precision) and seconds per phase
+        (scoring, training, evaluation, final BatchNorm statistics), per rank and for the job: the job's
+        rate is all ranks' images over the slowest rank's time."""
+        per_rank: dict[int, dict] = {}
+        for record in self.history:
+            for entry in record.get("ranks", []):
+                acc = per_rank.setdefault(entry["rank"], {"rank": entry["rank"], "samples": {}, "train_s": {},
+                                                           "seconds": dict.fromkeys(PHASES, 0.0)})
+                for b, n in entry["samples"].items():
+                    acc["samples"][b] = acc["samples"].get(b, 0) + n
+                    acc["train_s"][b] = acc["train_s"].get(b, 0.0) + entry["train_s"].get(b, 0.0)
+                for phase in PHASES:
+                    acc["seconds"][phase] += entry["seconds"].get(phase, 0.0)
+        ranks = [per_rank[r] for r in sorted(per_rank)]
+        for acc in ranks:
+            acc["images_per_s"] = {b: _rate(n, acc["train_s"][b]) for b, n in acc["samples"].items()}
+            acc["train_images_per_s"] = _rate(sum(acc["samples"].values()), acc["seconds"]["train"])
+        bits = [str(b) for b in self.bits]
+        job = {
+            "images_per_s": {b: _rate(sum(a["samples"].get(b, 0) for a in ranks),
+                                      max((a["train_s"].get(b, 0.0) for a in ranks), default=0.0)) for b in bits},
+            "train_images_per_s": _rate(sum(sum(a["samples"].values()) for a in ranks),
+                                        max((a["seconds"]["train"] for a in ranks), default=0.0)),
+            "seconds": {phase: max((a["seconds"][phase] for a in ranks), default=0.0) for phase in PHASES},
+        }
+        return {"world_size": self.dist.world_size, **job, "ranks": ranks}
 
     def summary_table(self, markdown: bool = False) -> str:
         """Per-bit-width table of the final metrics and samples processed."""
@@ -182,10 +254,14 @@ class MultiBitTrainer:
             record["seconds"]["scoring"] = time.perf_counter() - t0
             record["scoring"] = dict(info or {})
             self._count_scoring(info)
-        plan = checked_plan(self.sampler.plan_epoch(epoch, list(bits)), list(bits), len(self.train_set))
+        # the whole job's plan (every rank computes the same one); _StepBatches takes this rank's share
+        planner = getattr(self.sampler, "global_plan", self.sampler.plan_epoch)
+        plan = checked_plan(planner(epoch, list(bits)), list(bits), len(self.train_set))
         record["overlap"] = plan_overlap(plan, len(self.train_set))
+        record["subsets"] = digest(plan)
+        self.dist.check_same(record["subsets"], f"the data each bit-width trains on in epoch {epoch + 1}")
         batches = _StepBatches(self.train_set, plan, self._bit_batch_size(plan), cfg.seed, epoch, self.device,
-                               cfg.num_workers)
+                               cfg.num_workers, self.dist.rank, self.dist.world_size, self.channels_last)
 
         t0 = time.perf_counter()
         record["lr"] = self.optimizer.param_groups[0]["initial_lr"] * self.schedule.factor(epoch)
@@ -205,15 +281,99 @@ class MultiBitTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if step % 20 == 0 and not getattr(bar, "disable", True):
                 bar.set_postfix(loss=f"{stats.loss_now():.3f}")
+        if self.dist.enabled:   # the ranks' running statistics (and teachers' memories) made equal
+            sync_buffers(self.dist, self._unique_models())
+            if self.memory is not None:
+                self._merge_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         record["seconds"]["train"] = time.perf_counter() - t0
         record["steps"] = len(batches)
         # 5. log
-        record["bits"] = stats.summary()
+        record["bits"], self._rank_bits = stats.summary(self.dist)
         for b in bits:
             self.samples[str(b)]["train"] += record["bits"][str(b)]["samples"]
         return record
+
+    # ------------------------------------------------------------------ several processes
+    def _check_batch_split(self) -> None:
+        world = self.dist.world_size
+        if world > 1 and (self.config.batch_size % world or self.config.batch_size // world < 2):
+            raise DistributedError(
+                f"batch_size={self.config.batch_size} is the global batch, split between {world} processes: it "
+                f"must be a multiple of {world} with at least 2 samples per process (e.g. "
+                f"{max(2, math.ceil(self.config.batch_size / world)) * world})")
+
+    def _agreement(self) -> dict:
+        """What every rank must share: settings, data sizes and labels, the model's tensors' names and shapes."""
+        config = {k: v for k, v in self.full_config().items() if k not in RESUME_IGNORED}
+        labels = getattr(self.train_set, "targets", None)
+        shapes = [(name, list(t.shape)) for name, t in self.models.state_dict().items()]
+        return {**config, "train_samples": len(self.train_set),
+                "test_samples": len(self.test_data) if hasattr(self.test_data, "__len__") else None,
+                "train_labels": digest({"labels": torch.as_tensor(labels)}) if labels is not None else None,
+                "model_tensors": digest({"shapes": torch.tensor([d for _, shape in shapes for d in shape] or [0])})
+                + f"/{len(shapes)}"}
+
+    def _wrap_ddp(self) -> dict[int, nn.Module]:
+        """Each network in DistributedDataParallel (keyed by the network's id). Buffers are not broadcast at
+        every forward: per-precision BatchNorm statistics are averaged over the ranks at the end of each
+        epoch instead (:func:`~.distributed.sync_buffers`)."""
+        if not self.dist.enabled:
+            return {}
+        from torch.nn.parallel import DistributedDataParallel
+
+        # newer torch calls it forward_sync_buffers (buffers are still synchronised once, at construction)
+        no_forward_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                           inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+        kwargs: dict[str, Any] = {no_forward_sync: False, "process_group": self.dist.group}
+        if self.device.type == "cuda":
+            kwargs.update(device_ids=[self.device.index], output_device=self.device.index)
+        wrapped = {}
+        for member in self.models.values():
+            # a switchable BatchNorm's other bit-widths' parameters are unused in each pass
+            unused = any(isinstance(m, SwitchableBatchNorm) for m in member.modules())
+            wrapped[id(member)] = DistributedDataParallel(member, find_unused_parameters=unused, **kwargs)
+        return wrapped
+
+    def _runner(self, bits: int) -> nn.Module:
+        model = self.models.for_bits(bits)
+        return self._ddp.get(id(model), model)
+
+    def _merge_memory(self) -> None:
+        """Each rank's teacher memory holds the logits of what it trained on; after an epoch every rank gets
+        all of them (the mean where several ranks hold one sample)."""
+        for t in self.memory.teachers:
+            known = self.memory.known[t]
+            count = self.dist.all_reduce_(known.float())
+            if t not in self.memory.logits:
+                continue
+            total = self.dist.all_reduce_(self.memory.logits[t].float() * known[:, None])
+            has = count > 0
+            self.memory.logits[t] = torch.where(has[:, None], total / count.clamp_min(1)[:, None],
+                                                torch.zeros_like(total)).to(torch.float16)
+            self.memory.known[t] = has
+
+    def _gather_rank_records(self, record: dict) -> None:
+        """Every rank's own times and samples of this epoch, in ``record["ranks"]``; a bit-width's
+        ``train_s`` becomes the slowest rank's."""
+        mine = {"rank": self.dist.rank, "seconds": dict(record["seconds"]), **self._rank_bits}
+        record["ranks"] = self.dist.all_gather_object(mine)
+        for b, m in record["bits"].items():
+            m["train_s"] = max(entry["train_s"][b] for entry in record["ranks"])
+
+    def _check_ranks_agree(self, epoch: int) -> None:
+        """The ranks' weights must stay equal (DistributedDataParallel averages the same gradients everywhere);
+        a difference means a rank computed something the others did not, and training would silently fork."""
+        if not self.dist.enabled:
+            return
+        sums = self.dist.all_gather_object(parameter_checksum(self._unique_models()))
+        differ = [r for r, s in enumerate(sums) if s != sums[0]]
+        if differ:
+            raise DistributedError(
+                f"after epoch {epoch + 1} the weights of rank(s) {differ} differ from rank 0's. Something in the "
+                f"model changes its parameters outside the optimizer step (e.g. activation ranges initialised from "
+                f"each rank's first batch: initialise them before training, anybit.calibrate_activations)")
 
     def _teacher_memory(self) -> TeacherMemory | None:
         """Where a student finds its teacher's logits when their batches differ (coreset sampling)."""
@@ -237,7 +397,8 @@ class MultiBitTrainer:
         if cfg.coreset_steps != "full" or subset is None:
             return cfg.batch_size
         full_steps = max(1, len(self.train_set) // cfg.batch_size)
-        return max(2, min(cfg.batch_size, subset // full_steps))
+        world = self.dist.world_size   # a multiple of the ranks, at least 2 samples each
+        return max(2 * world, min(cfg.batch_size, subset // full_steps) // world * world)
 
     def _reestimate_bn(self, record: dict) -> float:
         """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
@@ -256,6 +417,9 @@ class MultiBitTrainer:
             for b, counts in done["bits"].items():
                 record["final_bn"][str(b)] = counts
                 self.samples[str(b)]["final_bn"] = self.samples[str(b)].get("final_bn", 0) + counts["samples"]
+        # Every rank ran the same batches (those of a one-process run); rank 0's result is made everyone's, so
+        # that no rank keeps a set differing in the last bits (or drawn from other augmentations).
+        broadcast_buffers(self.dist, self._unique_models())
         return seconds
 
     # ------------------------------------------------------------------ evaluation, state and outputs
@@ -269,30 +433,47 @@ class MultiBitTrainer:
             record["bits"][b].update(test_acc=r["accuracy"], test_loss=r["loss"], eval_s=r["seconds"])
         return time.perf_counter() - t0
 
-    def _eval_loader(self, data):
+    def _eval_loader(self, data) -> tuple[Iterable, bool]:
+        """The loader, and whether it holds only this rank's share (a Dataset is split between the ranks;
+        any other iterable is evaluated whole by every rank)."""
         if data is None:
             raise ValueError("no test data: pass test_data to MultiBitTrainer or data to evaluate()")
         if isinstance(data, Dataset):
+            sharded = self.dist.enabled
+            if sharded:
+                data = Subset(data, self.dist.shard(len(data)).tolist())
             return DataLoader(data, batch_size=self.config.batch_size, shuffle=False,
-                              num_workers=self.config.num_workers)
-        return data
+                              num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda"), sharded
+        return data, False
+
+    def _reduce_eval(self, result: dict) -> dict:
+        """One rank's evaluation of its share turned into the whole data's (counts and loss sums added)."""
+        mine = (round(result["accuracy"] * result["samples"] / 100.0), result["loss"] * result["samples"],
+                result["samples"], result["seconds"])
+        parts = self.dist.all_gather_object(mine)
+        correct, loss_sum, total = (sum(p[i] for p in parts) for i in range(3))
+        return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total,
+                "seconds": max(p[3] for p in parts)}
 
     def _end_epoch(self, record: dict) -> None:
         for phase, seconds in record["seconds"].items():
             self.add_time(phase, seconds)
-        if self.out_dir is not None:
+        rank_rng = self.dist.all_gather_object(rng_state()) if self.dist.enabled else None
+        if self._writes:
             self._log.append(_log_rows(record))
             t0 = time.perf_counter()
-            save_state(self.out_dir, self.epoch, self._state())
+            save_state(self.out_dir, self.epoch, self._state(rank_rng))
             self.add_time("state_save", time.perf_counter() - t0)
         if not self.quiet:
             print(epoch_line(record, self.config.epochs), file=sys.stderr, flush=True)
         if self.on_epoch_end is not None:
             self.on_epoch_end(self, record)
 
-    def _state(self) -> dict:
+    def _state(self, rank_rng: list | None = None) -> dict:
         return {
             "config": self.full_config(),
+            "world_size": self.dist.world_size,
+            "rank_rng": rank_rng,
             "models": self.models.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -314,18 +495,29 @@ class MultiBitTrainer:
         return header["epoch"]
 
     def _restore(self) -> None:
-        self.check_resumable()
-        epoch, state = load_state(self.out_dir)
+        payload = None
+        with self.dist.agreed("reading the saved training state"):   # rank 0 reads it, every rank gets it
+            if self.dist.is_main:
+                self.check_resumable()
+                payload = load_state(self.out_dir)
+        epoch, state = self.dist.broadcast_object(payload)
         self.models.load_state_dict(state["models"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         if self.memory is not None and state.get("teacher_memory") is not None:
             self.memory.load_state_dict(state["teacher_memory"])
-        set_rng_state(state["rng"])
+        rank_rng = state.get("rank_rng")
+        if rank_rng is not None and len(rank_rng) == self.dist.world_size:
+            set_rng_state(rank_rng[self.dist.rank])
+        elif self.dist.is_main:
+            set_rng_state(state["rng"])
+        else:   # resumed with another number of processes: fresh streams for the other ranks
+            _seed_everything(rank_seed(self.config.seed, self.dist.rank) + epoch)
         self.history, self.timings, self.samples = state["history"], state["timings"], state["samples"]
         self.epoch = epoch
-        self._log.rewrite(row for record in self.history for row in _log_rows(record))
+        if self._log is not None:
+            self._log.rewrite(row for record in self.history for row in _log_rows(record))
 
     def _final_metrics(self) -> dict[str, dict]:
         if not self.history:
@@ -350,6 +542,8 @@ class MultiBitTrainer:
         for phase, seconds in self.timings.items():
             rec.data["timings_s"][phase] = seconds
         rec.data["metrics"] = {"final": self.final, "samples_processed": self.samples}
+        rec.data["throughput"] = self.throughput()
+        rec.data["distributed"] = {k: v for k, v in self.dist.describe().items() if k != "rank"}
         rec.data["epochs"] = self.history
         rec.data["sampler"] = describe(self.sampler)
         rec.data["method"] = METHODS[self.config.method].summary
@@ -390,6 +584,9 @@ class MultiBitTrainer:
 
 def check_same_config(saved: dict, current: dict) -> None:
     """Raise :class:`ResumeError` listing every setting that differs from the saved run's."""
+    saved = {**_ADDED_SETTINGS, **saved}
+    if isinstance(saved.get("sampler"), dict):
+        saved["sampler"] = {k: v for k, v in saved["sampler"].items() if k not in _SAMPLER_PROCESS_KEYS}
     diff = config_differences(saved, current, ignore=RESUME_IGNORED)
     if diff:
         listed = "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}" for k, v in diff.items())
@@ -413,6 +610,10 @@ def _log_rows(record: dict) -> list[dict]:
              **m} for b, m in record["bits"].items()]
 
 
+def _rate(samples: float, seconds: float) -> float | None:
+    return samples / seconds if seconds > 0 else None
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -425,10 +626,16 @@ def _seed_everything(seed: int) -> None:
 
 class _StepBatches:
     """Per step, ``{bits: (images, labels, dataset indices)}`` on the device. Bit-widths with the same plan share one
-    batch object (so a teacher's logits can be reused); the shuffle comes from (seed, epoch)."""
+    batch object (so a teacher's logits can be reused); the shuffle comes from (seed, epoch).
+
+    ``plan`` and ``batch_size`` are the whole job's: step k trains on the k-th ``batch_size`` indices of every
+    list, and rank r of ``world_size`` takes every ``world_size``-th of them from the r-th on (the
+    ``batch_size / world_size`` samples of its share). Together the ranks train exactly on the batches of a
+    one-process run. ``num_workers`` loader processes in all, shared by the index lists' loaders."""
 
     def __init__(self, dataset, plan: dict[int, torch.Tensor | None], batch_size: int, seed: int, epoch: int,
-                 device: torch.device, num_workers: int) -> None:
+                 device: torch.device, num_workers: int, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> None:
         n = len(dataset)
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = None
@@ -449,24 +656,39 @@ class _StepBatches:
         self.groups = groups
         length = self.index_lists[0].numel()
         self.steps = max(1, length // batch_size) if length >= batch_size else 1
-        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        # this rank's part of each list, and its share of a batch
+        self.local_lists = [self._local(idx, batch_size) for idx in self.index_lists]
+        self.local_batch = batch_size // world_size if length >= batch_size else self.local_lists[0].numel()
         self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _local(self, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if self.world_size == 1:
+            return idx
+        if idx.numel() >= batch_size:
+            used = idx[: self.steps * batch_size]
+        else:   # one short batch: wrapped around so that every rank gets as many samples
+            total = math.ceil(idx.numel() / self.world_size) * self.world_size
+            used = idx.repeat(math.ceil(total / idx.numel()))[:total]
+        return used[self.rank::self.world_size]
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         loaders = []
-        for idx in self.index_lists:
-            chunks = [c.tolist() for c in idx.split(self.batch_size)][: self.steps]
-            loaders.append(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
+        workers = max(1, self.num_workers // len(self.local_lists)) if self.num_workers else 0
+        chunk_lists = [list(idx.split(self.local_batch))[: self.steps] for idx in self.local_lists]
+        for chunks in chunk_lists:
+            loaders.append(DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=workers,
                                       pin_memory=self.device.type == "cuda"))
         non_blocking = self.device.type == "cuda"
-        chunk_lists = [[c for c in idx.split(self.batch_size)][: self.steps] for idx in self.index_lists]
         for step, parts in enumerate(zip(*loaders)):
             batch = {}
             for g, (images, labels) in enumerate(parts):
-                triple = (images.to(self.device, non_blocking=non_blocking),
+                fmt = self.memory_format if images.dim() == 4 else torch.contiguous_format
+                triple = (images.to(self.device, non_blocking=non_blocking, memory_format=fmt),
                           labels.to(self.device, non_blocking=non_blocking),
                           chunk_lists[g][step].to(self.device, non_blocking=non_blocking))
                 for b in self.groups[g]:
@@ -533,14 +755,19 @@ class _EpochStats:
     def loss_now(self) -> float:
         return float(self._last_loss) if self._last_loss is not None else float("nan")
 
-    def summary(self) -> dict[str, dict]:
-        sums = self.sums.tolist()
+    def summary(self, dist: DistContext) -> tuple[dict[str, dict], dict]:
+        """The epoch's metrics over every rank's samples, and this rank's own samples and seconds per bit-width."""
+        counts = torch.tensor([self.samples[b] for b in self.bits], dtype=self.sums.dtype, device=self.sums.device)
+        both = dist.all_reduce_(torch.cat([self.sums, counts[:, None]], dim=1))
+        rows, totals = both[:, :3].tolist(), [int(round(n)) for n in both[:, 3].tolist()]
         seconds = self.timer.seconds()
         out = {}
         for b in self.bits:
-            n = max(self.samples[b], 1)
-            loss, ce, correct = sums[self.row[b]]
+            n = max(totals[self.row[b]], 1)
+            loss, ce, correct = rows[self.row[b]]
             out[str(b)] = {"loss": loss / n, "ce": ce / n, "train_acc": 100.0 * correct / n,
-                           "samples": self.samples[b],
+                           "samples": totals[self.row[b]],
                            "train_s": seconds.get(b, 0.0)}
-        return out
+        mine = {"samples": {str(b): self.samples[b] for b in self.bits},
+                "train_s": {str(b): seconds.get(b, 0.0) for b in self.bits}}
+        return out, mine

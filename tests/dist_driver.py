@@ -1,0 +1,94 @@
+"""Runs ``anybit`` commands in one process of a ``torchrun`` job (or in a plain process), for
+tests/test_distributed.py.
+
+It registers a tiny network without BatchNorm (``tiny-nobn``: per-rank batch statistics would make a
+two-process run differ from a one-process one by design), joins the process group once, runs every
+command given as a JSON list of argument lists, and can make one rank fail at the start of an epoch
+(``--fail RANK:EPOCH``) or give one rank more arguments in one command (``--rank-args RANK INDEX JSON``).
+
+    torchrun --standalone --nproc-per-node 2 tests/dist_driver.py '[["train", ...]]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+import anybit.models
+from anybit.cli import main
+from anybit.train import trainer as trainer_module
+
+
+class TinyNoBN(nn.Module):
+    """conv - relu - conv - relu - pool - linear: quantizable layers, no BatchNorm."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        c = max(2, int(8 * width))
+        self.conv1 = nn.Conv2d(in_channels, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, stride=2)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def register() -> None:
+    anybit.models.register("tiny-nobn", TinyNoBN)
+
+
+def inject_failure(rank: int, epoch: int) -> None:
+    """Rank ``rank`` raises when it starts epoch ``epoch`` (0-based): a process that crashes mid-run."""
+    original = trainer_module.MultiBitTrainer._train_epoch
+
+    def failing(self, e):
+        if self.dist.rank == rank and e == epoch:
+            print(f"failing at {time.time():.3f}", file=sys.stderr, flush=True)
+            raise RuntimeError(f"injected failure on rank {rank} at epoch {epoch + 1}")
+        return original(self, e)
+
+    trainer_module.MultiBitTrainer._train_epoch = failing
+
+
+def run(commands: list[list[str]]) -> int:
+    register()
+    status = 0
+    for argv in commands:
+        status = main(argv)
+        if status:
+            break
+    return status
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("commands")
+    parser.add_argument("--fail", help="RANK:EPOCH")
+    parser.add_argument("--rank-args", nargs=3, metavar=("RANK", "INDEX", "JSON"),
+                        help="extra arguments for one rank in command INDEX")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    commands = json.loads(args.commands)
+    rank = int(os.environ.get("RANK", 0))
+    if args.rank_args and int(args.rank_args[0]) == rank:
+        commands[int(args.rank_args[1])] += json.loads(args.rank_args[2])
+    if args.fail:
+        inject_failure(*(int(v) for v in args.fail.split(":")))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:   # one process group for all the commands
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        sys.exit(run(commands))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
