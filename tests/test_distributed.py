@@ -55,6 +55,8 @@ RUNS = {
 }
 BN_RUN = ["train", *DATA, "--model", "resnet20", "--width", "0.25", "--batch-size", "32", "--bits", "2,32",
           "--epochs", "2", "--eval-every", "1", "--final-bn-batches", "3", "--quiet", "--device", "cpu"]
+MIXED = ["--budget", "0.5", "--options", "2,8", "--candidates", "3", "--calib-size", "64", "--test-subset", "64",
+         "--batch-size", "16", "--no-cache", "--quiet", "--device", "cpu"]
 
 
 def torchrun(commands: list[list[str]], *extra: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
@@ -87,11 +89,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """One torchrun job running every command of RUNS, a BatchNorm network, and last a command whose
-    rank 1 was started with another learning rate (which must stop the job)."""
+    """One torchrun job running every command of RUNS, a BatchNorm network, the mixed-precision allocation of
+    that network, and last a command whose rank 1 was started with another learning rate (which must stop
+    the job)."""
     root = tmp_path_factory.mktemp("dist")
     commands = [with_out(argv, root / name) for name, argv in RUNS.items()]
     commands.append(with_out(BN_RUN, root / "bn"))
+    commands.append(with_out(["mixed", str(root / "bn"), *MIXED], root / "mixed"))
     commands.append(with_out(RUNS["dedicated"], root / "disagree"))
     proc, seconds = torchrun(commands, "--rank-args", "1", str(len(commands) - 1), '["--lr", "0.2"]')
     return root, proc, seconds
@@ -145,6 +149,23 @@ def test_batchnorm_network_ends_with_one_process_statistics(two_process_runs):
     assert record["epochs"][-1]["bits"]["2"]["test_acc"] is not None
     steps = sum(e["steps"] for e in record["epochs"])
     assert record["metrics"]["samples_processed"]["2"]["train"] == steps * 32   # the global batch, once
+
+
+def test_mixed_sensitivity_shared_by_two_processes_is_one_process_sensitivity(two_process_runs, tmp_path):
+    root, proc, _ = two_process_runs
+    assert (root / "mixed" / "bitmap.json").is_file(), proc.stderr[-3000:]
+    from anybit.cli import main
+
+    assert main(with_out(["mixed", str(root / "bn"), *MIXED], tmp_path / "one")) == 0
+    one, two = (json.loads((d / "sensitivity.json").read_text()) for d in (tmp_path / "one", root / "mixed"))
+    assert one["layers"] == two["layers"]
+    assert torch.allclose(torch.tensor(one["delta"]), torch.tensor(two["delta"]), rtol=1e-9, atol=1e-12)
+    assert json.loads((tmp_path / "one" / "bitmap.json").read_text()) == \
+        json.loads((root / "mixed" / "bitmap.json").read_text())
+    ranked = [[r["measured_loss"] for r in run_json(d)["metrics"]["allocation"]["ranking"]]
+              for d in (tmp_path / "one", root / "mixed")]
+    assert ranked[0] == pytest.approx(ranked[1], rel=1e-9)   # candidates measured on half the batches each
+    assert run_json(root / "mixed")["config"]["processes"] == 2
 
 
 def test_ranks_that_disagree_on_settings_all_stop(two_process_runs):

@@ -15,7 +15,7 @@ from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
 from .common import CLIError, close_out_dirs
 
 SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd]
-DISTRIBUTED_COMMANDS = ("train",)   # the ones that share their work between torchrun's processes
+DISTRIBUTED_COMMANDS = ("train", "mixed")   # the ones that share their work between torchrun's processes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     succeeded = False
     try:
         if launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
-            raise CLIError(f"anybit {args.command} runs in one process: start it without torchrun (train shares its "
-                           f"work between torchrun's processes)")
+            raise CLIError(f"anybit {args.command} runs in one process: start it without torchrun (train and mixed "
+                           f"share their work between torchrun's processes)")
         status = args.func(args) or 0
         succeeded = status == 0
         return status

@@ -1,4 +1,8 @@
-"""``anybit mixed``: a bit-width per layer under a size or BOPs budget, by integer programming."""
+"""``anybit mixed``: a bit-width per layer under a size or BOPs budget, by integer programming.
+
+Under ``torchrun`` the processes share the sensitivity measurement (and the measurement of ``--candidates``);
+rank 0 solves, evaluates on the test split and writes.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from anybit.checkpoint import checkpoint_paths, write_json
 from anybit.evaluation import evaluate
 from anybit.quant import FLOAT_BITS, QuantSpec, check_bits, precision, quant_layers
 from anybit.report import RunRecorder, format_table
+from anybit.train.distributed import DistContext
 
 from .common import (
     MIXED_CALIB_SIZE,
@@ -26,10 +31,10 @@ from .common import (
     add_test_subset_arg,
     positive_int,
     prepare_out_dir,
-    resolve_device,
     seed_everything,
     subset_of,
 )
+from .distributed import add_distributed_args, start
 from .eval_cmd import dataset_from_metadata
 
 SETUPS = ("auto", "none", "minmax")
@@ -84,6 +89,7 @@ def add_parser(subparsers) -> None:
     add_data_args(p)
     add_data_option_arg(p, "default: the options the checkpoint records")
     add_run_args(p)
+    add_distributed_args(p)
     p.set_defaults(func=run)
 
 
@@ -170,31 +176,42 @@ def _row(method: str, label: str, alloc: mixed.Allocation | None, result: dict, 
 
 def run(args: argparse.Namespace) -> int:
     checked = _validate(args)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    meta = anybit.read_metadata(args.run)
-    _check_allocatable(meta, args.run)
-    name, data_options = dataset_from_metadata(args, meta)
-    out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.run))
-    recorder = RunRecorder(out, "mixed", {
-        "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
-        "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
-        "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup,
-        "calib_size": args.calib_size,
-        "test_size": args.test_subset, "dataset": name, "dataset_options": data_options,
-        "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
+    ctx = start(args)   # under torchrun: this process's rank; else one process on --device
+    try:
+        return _allocate(args, checked, ctx)
+    finally:
+        ctx.close()
 
-    with recorder.timed("load"):
-        model, converted_here = _load_model(args, device)
-        train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
-        test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
-        check_model_fits(model, test_set)
-        calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
-        args.calib_size = recorder.data["config"]["calib_size"] = len(calib)
-        test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
-        test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
-        batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),
-                                            args.batch_size, device)
+
+def _allocate(args: argparse.Namespace, checked: dict, ctx: DistContext) -> int:
+    device = ctx.device
+    seed_everything(args.seed)
+    with ctx.agreed("the set-up"):   # a mistake any rank finds stops every rank
+        meta = anybit.read_metadata(args.run)
+        _check_allocatable(meta, args.run)
+        name, data_options = dataset_from_metadata(args, meta)
+        out = (prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.run)) if ctx.is_main
+               else Path(args.out))   # only rank 0 writes
+        recorder = RunRecorder(out, "mixed", {
+            "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
+            "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
+            "solver": args.solver, "candidates": args.candidates, "loss": args.loss, "setup": args.setup,
+            "calib_size": args.calib_size,
+            "test_size": args.test_subset, "dataset": name, "dataset_options": data_options,
+            "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
+            "processes": ctx.world_size})
+
+        with recorder.timed("load"):
+            model, converted_here = _load_model(args, device)
+            train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
+            test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
+            check_model_fits(model, test_set)
+            calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
+            args.calib_size = recorder.data["config"]["calib_size"] = len(calib)
+            test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
+            test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+            batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),
+                                                args.batch_size, device)
 
     options = checked["options"]
     act_bits = sorted({a for _, a in options})
@@ -205,10 +222,10 @@ def run(args: argparse.Namespace) -> int:
     if layer_setup is None and mixed.needs_calibration(model, act_bits):
         raise CLIError("this model's activation ranges were never learnt or calibrated (a float model converted "
                        "for post-training quantization); use --setup minmax (or auto)")
-    cache = _cache_path(args, options, name, setup_name, out)
+    cache = _cache_path(args, options, name, setup_name, out) if ctx.is_main else None   # rank 0's is used
     recorder.data["config"].update({"setup": setup_name, "converted_here": converted_here,
                                     "cache": None if cache is None else str(cache)})
-    if not args.quiet:
+    if not args.quiet and ctx.is_main:
         path = "post-training (min/max calibration per option)" if layer_setup else "multi-bit (no calibration)"
         print(f"model: {len(quant_layers(model))} quantizable layers, {path}"
               + (", converted from float here" if converted_here else ""))
@@ -219,7 +236,15 @@ def run(args: argparse.Namespace) -> int:
         mixed.check_budget(cost, args.budget)  # before the (long) measurement
     with recorder.timed("sensitivity"):
         sens = mixed.sensitivity(model, batches, options, loss=args.loss, layer_setup=layer_setup,
-                                 cache_path=cache, batch_size=args.batch_size, quiet=args.quiet)
+                                 cache_path=cache, batch_size=args.batch_size, quiet=args.quiet, distributed=ctx)
+    solving = args.budget is not None or args.objective == "cost"
+    if not ctx.is_main:   # the other ranks' part ends here, or with the candidates' measurement
+        if solving and args.candidates > 1 and args.solver == "ip":
+            candidates = ctx.broadcast_object(None)
+            if candidates is not None and len(candidates) > 1:
+                mixed.pick_measured(model, candidates, batches, loss=args.loss, layer_setup=layer_setup,
+                                    batch_size=args.batch_size, quiet=True, distributed=ctx)
+        return 0
     write_json(out / "sensitivity.json", {**sens.to_dict(), "cost": cost.to_dict()})
     recorder.data["metrics"]["sensitivity"] = {"from_cache": sens.from_cache, "seconds": sens.seconds,
                                                "reference_loss": sens.reference_loss, "samples": sens.samples}
@@ -229,18 +254,26 @@ def run(args: argparse.Namespace) -> int:
               + ("" if cache is None else f"({cache})"))
 
     what = "weight size" if args.metric == "size" else "BOPs"
-    if args.budget is not None or args.objective == "cost":
-        with recorder.timed("solve"):
-            if args.solver == "greedy":
-                candidates = [mixed.allocate_greedy(sens, cost, args.budget)]
-            else:
-                candidates = mixed.allocate_best(sens, cost, args.budget, args.candidates, objective=args.objective,
-                                                 max_loss=args.max_loss)
+    if solving:
+        shared = ctx.enabled and args.candidates > 1 and args.solver == "ip"   # the other ranks wait for these
+        try:
+            with recorder.timed("solve"):
+                if args.solver == "greedy":
+                    candidates = [mixed.allocate_greedy(sens, cost, args.budget)]
+                else:
+                    candidates = mixed.allocate_best(sens, cost, args.budget, args.candidates,
+                                                     objective=args.objective, max_loss=args.max_loss)
+        except Exception:
+            if shared:
+                ctx.broadcast_object(None)   # releases the other ranks
+            raise
+        if shared:
+            ctx.broadcast_object(candidates)
         alloc = candidates[0]
         if len(candidates) > 1:
             with recorder.timed("measure_candidates"):
                 alloc = mixed.pick_measured(model, candidates, batches, loss=args.loss, layer_setup=layer_setup,
-                                            batch_size=args.batch_size, quiet=args.quiet)
+                                            batch_size=args.batch_size, quiet=args.quiet, distributed=ctx)
             if not args.quiet:
                 print(_ranking_text(alloc))
         with recorder.timed("eval"):

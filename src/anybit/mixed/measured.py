@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ..progress import progress
@@ -31,6 +32,7 @@ def pick_measured(
     layer_setup: LayerSetup | None = None,
     batch_size: int = 256,
     quiet: bool = False,
+    distributed=None,
 ) -> Allocation:
     """The candidate with the lowest loss measured on ``calib_data`` with every layer at its chosen
     precision (``"kl"`` to the float model's outputs, or ``"ce"`` to the labels).
@@ -38,20 +40,30 @@ def pick_measured(
     Every candidate's ``measured_loss`` is filled in; the one returned also lists all of them in
     ``ranking`` (predicted and measured loss, in the integer program's order). ``layer_setup``
     calibrates a post-training-quantized model for each candidate, as in :func:`apply_allocation`.
-    The model's precision is restored afterwards.
+    The model's precision is restored afterwards. ``distributed`` (a DistContext): every rank measures
+    every candidate on its share of the calibration batches, and the losses are summed over the ranks.
     """
     if not candidates:
         raise MixedPrecisionError("no candidate allocations to choose from: give at least one")
     batches = calibration_batches(calib_data, batch_size, next(model.parameters()).device)
     check_loss(loss, batches)
+    ranks = distributed if distributed is not None and distributed.enabled else None
+    if ranks is not None:
+        batches = batches[ranks.rank::ranks.world_size]
     saved = get_precision(model)
     was_training = model.training
     model.eval()
     try:
         targets = float_targets(model, batches)
-        for alloc in progress(candidates, desc="measure candidates", quiet=quiet):
+        samples = sum(x.shape[0] for x, _ in batches)
+        for alloc in progress(candidates, desc="measure candidates", quiet=quiet or (ranks and not ranks.is_main)):
             apply_allocation(model, alloc, layer_setup)
-            alloc.measured_loss = dataset_loss(model, batches, targets, loss)
+            if ranks is None:
+                alloc.measured_loss = dataset_loss(model, batches, targets, loss)
+            else:   # loss sums and sample counts of every rank's batches
+                local = dataset_loss(model, batches, targets, loss) * samples if samples else 0.0
+                total = ranks.all_reduce_(torch.tensor([local, float(samples)], dtype=torch.float64))
+                alloc.measured_loss = float(total[0] / total[1])
     finally:
         set_precision(model, saved)
         model.train(was_training)

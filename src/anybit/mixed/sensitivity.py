@@ -4,6 +4,10 @@
 with the loss the KL divergence from the float model's output distribution (no labels needed) or,
 when asked for and labels are given, the cross-entropy. Pinned (first/last) layers are not measured:
 they stay at their pinned precision throughout, in the reference too.
+
+With several processes (``distributed=`` a :class:`~anybit.train.distributed.DistContext`) the
+(layer, option) cells are dealt out to the ranks, each measures its cells on the whole calibration
+set, and the matrix is summed over the ranks: every rank ends with the matrix one process measures.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def sensitivity(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     quiet: bool = False,
+    distributed=None,
 ) -> Sensitivity:
     """Measure ``ΔL[l, b]`` for every free (not pinned) quantizable layer ``l`` and option ``b``.
 
@@ -136,6 +141,8 @@ def sensitivity(
     it every layer simply runs at the option, as in a multi-bit network. ``cache_path``: a JSON file
     reused when the model weights, the calibration data and the settings are unchanged, and measured
     again (and overwritten) when any of them differ. The model's precision is restored afterwards.
+    ``distributed``: a DistContext whose ranks share the cells (rank 0 reads and writes the cache, and its
+    ``cache_path`` is the one used).
     """
     layers = quant_layers(model)
     if not layers:
@@ -159,16 +166,25 @@ def sensitivity(
         "data": data_fingerprint(batches),
         "settings": _hash_settings(settings),
     }
-    path = Path(cache_path) if cache_path is not None else None
+    ranks = distributed if distributed is not None and distributed.enabled else None
+    main = ranks is None or ranks.is_main
+    path = Path(cache_path) if cache_path is not None and main else None
+    hit = None
     if path is not None and path.is_file():
         cached = _read_cache(path)
         if cached is not None:
             reason = _stale_reason(cached, fingerprint)
             if reason is None:
-                result = Sensitivity.from_dict(cached)
-                result.from_cache = True
-                return result
-            warnings.warn(f"sensitivity cache {path} is stale ({reason} changed); measuring again", stacklevel=2)
+                hit = cached
+            else:
+                warnings.warn(f"sensitivity cache {path} is stale ({reason} changed); measuring again",
+                              stacklevel=2)
+    if ranks is not None:
+        hit = ranks.broadcast_object(hit)
+    if hit is not None:
+        result = Sensitivity.from_dict(hit)
+        result.from_cache = True
+        return result
 
     start = time.perf_counter()
     saved = get_precision(model)
@@ -188,7 +204,9 @@ def sensitivity(
         if not math.isfinite(ref_loss):
             raise MixedPrecisionError(f"the reference loss is {ref_loss}: the model's outputs are not finite")
         cells = [(i, k) for i in range(len(free)) for k in range(len(opts))]
-        for i, k in progress(cells, desc="sensitivity", quiet=quiet):
+        if ranks is not None:   # this rank's share of the cells; the others' stay 0 until the sum below
+            cells = cells[ranks.rank::ranks.world_size]
+        for i, k in progress(cells, desc="sensitivity", quiet=quiet or not main):
             name, option = free[i], opts[k]
             if layer_setup is not None:
                 layer_setup(model, name, *option)
@@ -199,6 +217,8 @@ def sensitivity(
     finally:
         set_precision(model, saved)
         model.train(was_training)
+    if ranks is not None:
+        delta = ranks.all_reduce_(torch.from_numpy(delta)).numpy()
     if not np.all(np.isfinite(delta)):
         bad = [f"{free[i]}@{option_label(opts[k])}" for i, k in zip(*np.nonzero(~np.isfinite(delta)))]
         raise MixedPrecisionError(f"the loss is not finite for {bad[:5]}: these options break the model")
