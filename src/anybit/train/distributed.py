@@ -295,6 +295,38 @@ def sync_buffers(ctx: DistContext, modules: list[nn.Module]) -> None:
     _coalesced(ctx, copied, "broadcast")
 
 
+def combine_bn_statistics(ctx: DistContext, modules: list[nn.Module]) -> None:
+    """Every BatchNorm statistics set (plain, switchable members, per-precision) averaged over the ranks,
+    each rank's weighted by the batches it counted (``num_batches_tracked``): after a cumulative pass
+    over disjoint batches, the statistics one process computes over all of them."""
+    if not ctx.enabled:
+        return
+    sets = []
+    for module in modules:
+        for m in module.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            if hasattr(m, "trained_keys"):   # per-precision: one set per precision
+                sets += [m._set(key) for key in m.trained_keys()]
+            elif m.running_mean is not None:
+                sets.append((m.running_mean, m.running_var, m.num_batches_tracked))
+    if not sets:
+        return
+    counts = torch.stack([c.to(torch.float64) for _, _, c in sets])
+    weighted = torch.cat([torch.cat([mean.double() * w, var.double() * w])
+                          for (mean, var, _), w in zip(sets, counts)])
+    ctx.all_reduce_(counts)
+    ctx.all_reduce_(weighted)
+    offset = 0
+    for (mean, var, count), total in zip(sets, counts):
+        n = mean.numel()
+        if total > 0:
+            mean.copy_(weighted[offset:offset + n] / total)
+            var.copy_(weighted[offset + n:offset + 2 * n] / total)
+            count.fill_(int(total))
+        offset += 2 * n
+
+
 def broadcast_buffers(ctx: DistContext, modules: list[nn.Module]) -> None:
     """Every buffer of ``modules`` as rank 0 holds it."""
     if ctx.enabled:
@@ -326,5 +358,5 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "DistributedError", "broadcast_buffers", "digest",
+__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "DistributedError", "broadcast_buffers", "combine_bn_statistics", "digest",
            "init_distributed", "launched_by_torchrun", "parameter_checksum", "rank_seed", "sync_buffers"]

@@ -41,6 +41,7 @@ from .distributed import (
     DistContext,
     DistributedError,
     broadcast_buffers,
+    combine_bn_statistics,
     digest,
     parameter_checksum,
     rank_seed,
@@ -406,6 +407,11 @@ class MultiBitTrainer:
         cfg = self.config
         loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                              num_workers=cfg.num_workers)
+        # The one-process batches, dealt out to the ranks (rank r takes batches r, r + N, ...); their
+        # statistics are averaged over the ranks below, weighted by batches: the one-process averages.
+        split = self.dist.enabled and min(cfg.final_bn_batches, len(loader)) >= self.dist.world_size
+        if split:
+            loader = _EveryNth(loader, cfg.final_bn_batches, self.dist.rank, self.dist.world_size)
         if self.models.shared:
             groups = [(self.models.for_bits(self.bits[0]), self.bits)]
         else:
@@ -414,12 +420,16 @@ class MultiBitTrainer:
         for model, bits in groups:
             done = reestimate_bn(model, loader, bits, cfg.final_bn_batches, self.device)
             seconds += done["seconds"]
-            for b, counts in done["bits"].items():
-                record["final_bn"][str(b)] = counts
-                self.samples[str(b)]["final_bn"] = self.samples[str(b)].get("final_bn", 0) + counts["samples"]
-        # Every rank ran the same batches (those of a one-process run); rank 0's result is made everyone's, so
-        # that no rank keeps a set differing in the last bits (or drawn from other augmentations).
-        broadcast_buffers(self.dist, self._unique_models())
+            record["final_bn"].update({str(b): counts for b, counts in done["bits"].items()})
+        if split:
+            combine_bn_statistics(self.dist, self._unique_models())
+            for counts in record["final_bn"].values():   # the job's batches and samples, not this rank's
+                counts.update(batches=min(cfg.final_bn_batches, len(loader.loader)),
+                              samples=int(self.dist.all_reduce_(torch.tensor(counts["samples"])).item()))
+        else:   # one process, or fewer batches than ranks (each ran them all): rank 0's result is everyone's
+            broadcast_buffers(self.dist, self._unique_models())
+        for b, counts in record["final_bn"].items():
+            self.samples[b]["final_bn"] = self.samples[b].get("final_bn", 0) + counts["samples"]
         return seconds
 
     # ------------------------------------------------------------------ evaluation, state and outputs
@@ -622,6 +632,20 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class _EveryNth:
+    """Batches ``rank, rank + world_size, ...`` of the first ``limit`` batches of ``loader`` (re-iterable)."""
+
+    def __init__(self, loader, limit: int, rank: int, world_size: int) -> None:
+        self.loader, self.limit, self.rank, self.world_size = loader, limit, rank, world_size
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.limit:
+                break
+            if i % self.world_size == self.rank:
+                yield batch
 
 
 class _StepBatches:
