@@ -62,13 +62,10 @@ def inject_failure(rank: int, epoch: int) -> None:
 
 
 def run(commands: list[list[str]]) -> int:
+    """Every command in turn (a failing one does not stop the others); the first non-zero status."""
     register()
-    status = 0
-    for argv in commands:
-        status = main(argv)
-        if status:
-            break
-    return status
+    statuses = [main(argv) for argv in commands]
+    return next((s for s in statuses if s), 0)
 
 
 if __name__ == "__main__":

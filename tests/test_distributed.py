@@ -90,14 +90,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     """One torchrun job running every command of RUNS, a BatchNorm network, the mixed-precision allocation of
-    that network, and last a command whose rank 1 was started with another learning rate (which must stop
-    the job)."""
+    that network, a command whose rank 1 was started with another learning rate, and one whose output
+    directory rank 0 refuses (both must fail on every rank)."""
     root = tmp_path_factory.mktemp("dist")
     commands = [with_out(argv, root / name) for name, argv in RUNS.items()]
     commands.append(with_out(BN_RUN, root / "bn"))
     commands.append(with_out(["mixed", str(root / "bn"), *MIXED], root / "mixed"))
     commands.append(with_out(RUNS["dedicated"], root / "disagree"))
-    proc, seconds = torchrun(commands, "--rank-args", "1", str(len(commands) - 1), '["--lr", "0.2"]')
+    commands.append(with_out(RUNS["dedicated"], root / "dedicated"))       # exists: rank 0 refuses it
+    proc, seconds = torchrun(commands, "--rank-args", "1", str(len(commands) - 2), '["--lr", "0.2"]')
     return root, proc, seconds
 
 
@@ -174,6 +175,14 @@ def test_ranks_that_disagree_on_settings_all_stop(two_process_runs):
     assert "the ranks disagree on the training settings" in proc.stderr
     assert "lr: rank 0 0.05, rank 1 0.2" in proc.stderr
     assert not (root / "disagree").exists()        # nothing written, the partial output removed
+
+
+def test_a_set_up_error_on_one_rank_stops_every_rank(two_process_runs):
+    root, proc, _ = two_process_runs
+    refused = f"output directory {root / 'dedicated'} already exists and is not empty"
+    assert f"anybit train: error: {refused}" in proc.stderr                                   # rank 0
+    assert f"anybit train: error: rank 0 failed during the set-up: {refused}" in proc.stderr  # rank 1
+    assert (root / "dedicated" / "model.safetensors").is_file()     # the earlier run's output untouched
 
 
 def test_a_failing_rank_stops_the_job_and_the_run_resumes(two_process_runs, tmp_path):

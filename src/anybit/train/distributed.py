@@ -164,7 +164,10 @@ class DistContext:
             if error is not None:
                 raise error
             return
-        reports = self.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        # a usage error (ValueError, FileNotFoundError) reads as the message alone, anything else with its type
+        plain = isinstance(error, (ValueError, FileNotFoundError))
+        reports = self.all_gather_object(None if error is None else str(error) if plain
+                                         else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         failed = [(r, m) for r, m in enumerate(reports) if m is not None]
