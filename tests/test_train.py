@@ -356,3 +356,27 @@ def test_models_returning_a_tuple_or_dict_train_and_evaluate(datasets, as_dict):
     config = TrainConfig(bits=(2, 32), method="emqnet", epochs=1, batch_size=64, coreset_fraction=1.0)
     result = MultiBitTrainer(_TupleOutput(as_dict), train, test, config, quiet=True).fit()
     assert all(0 <= m["test_acc"] <= 100 for m in result["final"].values())
+
+
+def test_per_epoch_evaluation_sees_fresh_statistics_and_leaves_the_training_alone(datasets):
+    """Before a per-epoch evaluation the BatchNorm statistics are re-estimated (momentum averages of per-bit sets
+    lag early in training); the line then reports what the model holds at that moment, and runs with and without
+    evaluation train the same weights."""
+    train, test = datasets
+    config = TrainConfig(bits=(1, 32), method="emqnet", epochs=3, batch_size=32, coreset_fraction=0.5)
+    seen = []
+
+    def check(trainer, record):
+        if record["epoch"] < 3:
+            now = trainer.evaluate()
+            seen.append(all(record["bits"][b]["test_acc"] == now[b]["accuracy"] for b in now))
+
+    torch.manual_seed(0)
+    evaluated = MultiBitTrainer(small_net(), train, test, config, quiet=True, on_epoch_end=check)
+    evaluated.fit()
+    torch.manual_seed(0)
+    silent = MultiBitTrainer(small_net(), train, None, config, quiet=True)
+    silent.fit()
+    assert seen == [True, True]
+    a, b = dict(evaluated.models.named_parameters()), dict(silent.models.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

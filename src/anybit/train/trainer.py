@@ -46,6 +46,7 @@ from .step import MultiBitStep
 
 LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
                "train_s", "scoring_s", "eval_s"]
+EVAL_BN_BATCHES = 5         # batches per bit-width re-estimating BatchNorm statistics before a per-epoch evaluation
 MEMORY_LIMIT = 4 * 2**30   # bytes of teacher logits kept for distillation with coreset sampling
 # Settings that may change between an interrupted run and its resumption.
 RESUME_IGNORED = ("device", "quiet", "data_dir", "out", "num_workers", "resume", "overwrite")
@@ -128,7 +129,7 @@ class MultiBitTrainer:
             if epoch + 1 == cfg.epochs and cfg.final_bn_batches:
                 record["seconds"]["final_bn"] = self._reestimate_bn(record)
             if self.test_data is not None and self._eval_due(epoch):
-                record["seconds"]["eval"] = self._timed_eval(record)
+                record["seconds"]["eval"] = self._timed_eval(record, epoch)
             self.history.append(record)
             self.epoch = epoch + 1
             now = time.perf_counter()
@@ -242,29 +243,43 @@ class MultiBitTrainer:
     def _reestimate_bn(self, record: dict) -> float:
         """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
         own bit-width). Returns its seconds."""
+        seconds, record["final_bn"] = self._statistics_pass(self.config.final_bn_batches, self.config.seed)
+        for b, counts in record["final_bn"].items():
+            self.samples[b]["final_bn"] = self.samples[b].get("final_bn", 0) + counts["samples"]
+        return seconds
+
+    def _statistics_pass(self, batches: int, seed: int) -> tuple[float, dict[str, dict]]:
+        """Every BatchNorm's running statistics re-estimated over ``batches`` training batches per bit-width
+        (:func:`reestimate_bn`); returns (seconds, per-bit-width counts)."""
         cfg = self.config
-        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             num_workers=cfg.num_workers)
+        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers)
         if self.models.shared:
             groups = [(self.models.for_bits(self.bits[0]), self.bits)]
         else:
             groups = [(self.models.for_bits(b), [b]) for b in self.bits]
-        seconds, record["final_bn"] = 0.0, {}
+        seconds, counts = 0.0, {}
         for model, bits in groups:
-            done = reestimate_bn(model, loader, bits, cfg.final_bn_batches, self.device)
+            done = reestimate_bn(model, loader, bits, batches, self.device)
             seconds += done["seconds"]
-            for b, counts in done["bits"].items():
-                record["final_bn"][str(b)] = counts
-                self.samples[str(b)]["final_bn"] = self.samples[str(b)].get("final_bn", 0) + counts["samples"]
-        return seconds
+            counts.update({str(b): c for b, c in done["bits"].items()})
+        return seconds, counts
 
     # ------------------------------------------------------------------ evaluation, state and outputs
     def _eval_due(self, epoch: int) -> bool:
         every = self.config.eval_every
         return epoch + 1 == self.config.epochs or (every > 0 and (epoch + 1) % every == 0)
 
-    def _timed_eval(self, record: dict) -> float:
+    def _timed_eval(self, record: dict, epoch: int) -> float:
+        """Test accuracy after an epoch. Before the last one, every BatchNorm's running statistics are first
+        re-estimated on a few batches per bit-width (momentum averages lag far behind weights that still move
+        fast, more so with a set per bit-width), so the line shows what the state saved after this epoch gives;
+        after the last epoch the final statistics pass has just run and the checkpoint is evaluated as saved."""
         t0 = time.perf_counter()
+        if epoch + 1 < self.config.epochs and self.config.final_bn_batches:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                # its augmentation draws must not change the training that follows
+                self._statistics_pass(min(EVAL_BN_BATCHES, self.config.final_bn_batches),
+                                      self.config.seed * 1_000_003 + epoch)
         for b, r in self.evaluate().items():
             record["bits"][b].update(test_acc=r["accuracy"], test_loss=r["loss"], eval_s=r["seconds"])
         return time.perf_counter() - t0
