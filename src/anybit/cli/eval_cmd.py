@@ -37,9 +37,10 @@ def add_parser(subparsers) -> None:
         "eval", help="evaluate a checkpoint at several bit-widths",
         description="Evaluate a checkpoint (a run directory or NAME.safetensors) at each bit-width, including "
                     "bit-widths it was not trained at, and print a table of accuracy per bit-width. A model with "
-                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others; a "
-                    "shared-BN model (emqnet) runs every bit-width as it is, or with --recalibrate-bn re-estimates "
-                    "the shared statistics at each bit-width before evaluating it (the checkpoint is not changed).",
+                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others; an "
+                    "emqnet model runs every bit-width as it is (untrained ones with BatchNorm statistics derived "
+                    "from the trained ones), or with --recalibrate-bn re-estimates the statistics at each bit-width "
+                    "before evaluating it (the checkpoint is not changed).",
     )
     p.add_argument("checkpoint", help="run directory or checkpoint path")
     p.add_argument("--bits", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: 1-8,32; for a checkpoint "
@@ -49,8 +50,8 @@ def add_parser(subparsers) -> None:
     add_test_subset_arg(p)
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "
-                        "nearest trained one) and re-estimate its statistics on training data; shared-BN "
-                        "models: re-estimate the shared statistics at each evaluated bit-width")
+                        "nearest trained one) and re-estimate its statistics on training data; emqnet models: "
+                        "re-estimate the statistics used at each evaluated bit-width")
     p.add_argument("--recalibrate-batches", type=positive_int, metavar="N",
                    help=f"with --recalibrate-bn: batches of training data for it (default: {RECALIBRATE_BATCHES})")
     p.add_argument("--bit-map", metavar="FILE",
