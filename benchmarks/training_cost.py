@@ -67,7 +67,7 @@ DEFAULT_RUNS = ("anyprecision", "dedicated-32", "emqnet", "emqnet-equal-epochs",
 QUICK = dict(dataset="fashion-mnist", image_size=28, model="resnet20", width=0.5, bits="1,2,4,8,32", epochs=10,
              emqnet_epochs=12, train_subset=5000, test_subset=2000, batch_size=32, lr=0.05, device="cpu",
              threads=1, runs=",".join(DEFAULT_RUNS))
-LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=12000, test_subset=5000,
+LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=10000, test_subset=5000,
             runs="anyprecision,dedicated-32,emqnet,emqnet-2x")
 FULL = dict(dataset="cifar10", image_size=0, model="resnet20", width=5.0, bits="1,2,4,8,32", epochs=200,
             emqnet_epochs=240, train_subset=0, test_subset=0, batch_size=128, lr=0.1, device="cuda", threads=0,
