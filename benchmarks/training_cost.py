@@ -9,7 +9,7 @@ float model (``dedicated-32``) gives the cost of training a single network. emqn
 measured afterwards on the test set: the trained bit-widths, and the untrained 3, 5 and 6 bits (emqnet
 with each rule for deriving BatchNorm statistics, no data; anyprecision after BN re-calibration).
 
-    python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 30 minutes on 2 idle cores
+    python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 40 minutes on 2 idle cores
     python benchmarks/training_cost.py --long      # CPU, nearer convergence, under an hour
     python benchmarks/training_cost.py --full --data-dir DIR --device cuda   # CIFAR-10, 5x width, 200 epochs
 
@@ -61,7 +61,7 @@ RUNS = {
                           {"coreset_steps": "full"}),
     "emqnet-lr-x2": ("twice the learning rate (fewer steps per epoch)", "emqnet", {"lr_x": 2}),
 }
-DEFAULT_RUNS = ("anyprecision", "dedicated-32", "emqnet", "emqnet-equal-epochs", "emqnet-2x", "emqnet-single-set",
+DEFAULT_RUNS = ("anyprecision", "anyprecision-recursive", "dedicated-32", "emqnet", "emqnet-equal-epochs", "emqnet-2x", "emqnet-single-set",
                 "emqnet-el2n", "emqnet-distill", "emqnet-full-steps", "emqnet-lr-x2")
 
 QUICK = dict(dataset="fashion-mnist", image_size=28, model="resnet20", width=0.5, bits="1,2,4,8,32", epochs=10,
