@@ -120,7 +120,7 @@ def run_one(name: str, args, train, calib, test) -> dict:
     if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    accuracy = {b: r["accuracy"] for b, r in trainer.evaluate(data=test).items()}
+    accuracy = {str(b): r["accuracy"] for b, r in trainer.evaluate(data=test).items()}
     reestimated = None
     if config.method == "emqnet":   # not part of the target: what the one set of shared statistics costs
         reestimated = bn_reestimated_accuracy(
