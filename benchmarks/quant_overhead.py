@@ -70,12 +70,13 @@ def main(argv=None) -> int:
         args.steps, args.width = 20, 1.0
     device = torch.device(args.device)
 
+    every = {"keep_first_last": None}   # every layer quantized, as in the recorded results
     configs = {
-        "dorefa, fixed [0, 1] activations (Any-Precision)": anybit.QuantSpec(weight="dorefa", act="fixed"),
-        "dorefa, learned activation range": anybit.QuantSpec(weight="dorefa"),
+        "dorefa, fixed [0, 1] activations (Any-Precision)": anybit.QuantSpec(weight="dorefa", act="fixed", **every),
+        "dorefa, learned activation range": anybit.QuantSpec(weight="dorefa", **every),
         "dorefa + weight bias correction, fixed [0, 1], clipped float path (emqnet)":
-            anybit.QuantSpec(weight="dorefa", wbc=True, act="fixed", act_clip_float=True),
-        "symmetric per-channel": anybit.QuantSpec(weight="symmetric"),
+            anybit.QuantSpec(weight="dorefa", wbc=True, act="fixed", act_clip_float=True, **every),
+        "symmetric per-channel": anybit.QuantSpec(weight="symmetric", **every),
     }
     rows, results = [], {}
     for label, spec in configs.items():
