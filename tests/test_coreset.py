@@ -231,7 +231,7 @@ def _tiny_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    return anybit.convert(model, act="fixed", act_range=(0.0, 2.0))
+    return anybit.convert(model, act="fixed", act_range=(0.0, 2.0), keep_first_last=None)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_build_sampler_from_trainer_options():
 def test_untrained_learned_ranges_skip_scoring_until_next_epoch(synthetic):
     torch.manual_seed(0)
     model = anybit.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                         nn.Linear(4, 10)))  # learned activation ranges, never trained
+                                         nn.Linear(4, 10)), keep_first_last=None)  # learned ranges, never trained
     sampler = scored(len(synthetic), 0.25)
     with pytest.warns(UserWarning, match="skipped"):
         info = sampler.update_scores(model, synthetic, [2, 32], epoch=0, device="cpu")
@@ -326,8 +326,9 @@ def test_trainer_runs_with_the_sampler(synthetic):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 10))
     sampler = scored(len(synthetic), 0.25, warmup=1, batch_size=48)
-    config = TrainConfig(bits=(2, 4, 32), method="emqnet", epochs=2, batch_size=4, eval_every=0, coreset_score="el2n")
+    config = TrainConfig(bits=(2, 4, 32), method="emqnet", epochs=2, batch_size=4, eval_every=0, coreset_score="el2n",
+                         keep_first_last=None)   # two layers: pinned, they would leave nothing to quantize
     result = MultiBitTrainer(model, synthetic, None, config, sampler=sampler, quiet=True).fit()
     assert sampler.scored_epochs == [1]
     assert [r["overlap"] for r in result["history"]][0] == {"32-4": 0.0, "32-2": 0.0, "4-2": 0.0}
-    assert result["samples"]["2"]["train"] == 2 * 12 and result["samples"]["2"]["scoring"] == 48
+    assert result["samples"][2]["train"] == 2 * 12 and result["samples"][2]["scoring"] == 48

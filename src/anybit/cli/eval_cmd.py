@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 import anybit
@@ -12,16 +11,21 @@ from anybit import data as anydata
 from anybit import mixed
 from anybit.checkpoint import checkpoint_paths
 from anybit.evaluation import evaluate
-from anybit.quant import parse_bit_list, precision
+from anybit.quant import BitsError, parse_bit_list, precision
 from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
 from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
 from .common import (
+    load_split,
     MIXED_CALIB_SIZE,
     CLIError,
-    check_model_fits,
-    check_out_path,
     add_data_args,
+    check_model_fits,
+    data_inputs,
+    data_source,
+    parse_data_options,
+    prepare_out_dir,
+    seed_int,
     add_data_option_arg,
     add_device_args,
     add_test_subset_arg,
@@ -58,15 +62,13 @@ def add_parser(subparsers) -> None:
                    help="evaluate once at a per-layer bit map (bitmap.json written by anybit mixed) "
                         "instead of at uniform --bits")
     p.add_argument("--out", help="directory for run.json and accuracy.png (default: CHECKPOINT_DIR/eval)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     add_device_args(p)
     p.set_defaults(func=run)
 
 
 def dataset_from_metadata(args: argparse.Namespace, meta: dict) -> tuple[str, dict]:
     """Dataset name and options: from the command line, else from the checkpoint's metadata."""
-    from .train_cmd import parse_data_options
-
     saved = meta.get("metadata", {}).get("data", {})
     name = args.dataset or saved.get("dataset")
     if not name:
@@ -95,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bit_map and args.recalibrate_bn:
         raise CLIError("--recalibrate-bn applies to uniform --bits, not to a --bit-map; drop one of them")
     args.recalibrate_batches = args.recalibrate_batches or RECALIBRATE_BATCHES
-    bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
+    try:
+        bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
+    except BitsError as e:
+        raise CLIError(f"--bits: {e}") from None
     meta = anybit.read_metadata(args.checkpoint)
     if args.bit_map or (args.bits is None and meta.get("metadata", {}).get("ptq")):
         # a PTQ checkpoint is loaded at the precision it was calibrated at (the checkpoint stores it)
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                                          "recalibrate_batches": args.recalibrate_batches,
                                          "test_subset": args.test_subset})
     with recorder.timed("data"):
-        test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+        test_set = load_split(name, "test", args.data_dir, options)
+        recorder.data["config"]["data_source"] = data_source(test_set)
         test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     with recorder.timed("load"):
         models = load_models(args.checkpoint, meta, bits, device)
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
               "--recalibrate-bn does not apply and is ignored")
     if need_bn or shared_recal:
         with recorder.timed("data"):
-            calib = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
+            calib = load_split(name, "train", args.data_dir, options, augment=False)
             loader = anydata.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
         with recorder.timed("recalibrate_bn"):
             for b in need_bn:
@@ -187,7 +193,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     out = eval_out_dir(args)
     model = anybit.load(args.checkpoint).to(device)
     label = "as calibrated (anybit ptq)"
-    test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+    test_set = load_split(name, "test", args.data_dir, options)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     check_model_fits(model, test_set)
     calibrated = None
@@ -196,7 +202,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
         setup = None
         if mixed.needs_calibration(model, {a for _, a in bit_map.values()}):
             # as anybit mixed measured it: min/max ranges over the same calibration images
-            train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
+            train_set = load_split(name, "train", args.data_dir, options, augment=False)
             calib = subset_of(train_set, None, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
             setup = mixed.MinMaxSetup(anydata.make_loader(calib, args.batch_size, shuffle=False), device=device)
             calibrated = {"activation_ranges": "min/max", "samples": len(calib)}
@@ -205,7 +211,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     (out / "accuracy.png").unlink(missing_ok=True)   # a previous eval's plot; one precision gives none
     recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": args.bit_map or label,
                                          "dataset": name, "options": options, "device": str(device),
-                                         "calibrated": calibrated})
+                                         "calibrated": calibrated, "data_source": data_source(test_set)})
     loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
     with recorder.timed("eval"):
         result = evaluate(model, loader, device, desc="eval bit map", quiet=args.quiet)
@@ -229,22 +235,16 @@ def _check_ptq_bits(model, bits: list[int]) -> None:
 
 def eval_out_dir(args: argparse.Namespace) -> Path:
     """Where eval writes: CHECKPOINT_DIR/eval (each eval replaces the last), or ``--out``, which must not
-    be the checkpoint's directory nor hold another command's output."""
+    be the checkpoint's directory nor hold another command's output (the one output guard: locked while
+    eval writes, the previous eval kept until this one completes)."""
+    inputs = [*checkpoint_paths(args.checkpoint), *data_inputs(args.data_dir)]
+    if args.bit_map:
+        inputs.append(args.bit_map)
     if not args.out:
-        return checkpoint_paths(args.checkpoint)[0].parent / "eval"
-    out = check_out_path(args.out, checkpoint_paths(args.checkpoint))
-    if out.is_dir() and ((out / "model.safetensors").exists() or (out / "state").exists()
-                         or _recorded_command(out) not in (None, "eval")):
-        raise CLIError(f"--out {out} holds the output of another anybit command; eval would overwrite its "
-                       f"run.json. Give another --out (or leave it out: CHECKPOINT_DIR/eval)")
-    return out
-
-
-def _recorded_command(out: Path) -> str | None:
-    try:
-        return json.loads((out / "run.json").read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
+        default = checkpoint_paths(args.checkpoint)[0].parent / "eval"
+        return prepare_out_dir(default, overwrite=True, inputs=inputs, command="eval", own_only=True,
+                               what=f"eval's output directory {default} (choose another with --out)")
+    return prepare_out_dir(args.out, overwrite=True, inputs=inputs, command="eval", own_only=True)
 
 
 def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:

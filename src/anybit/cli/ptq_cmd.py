@@ -11,14 +11,21 @@ from anybit import data as anydata
 from anybit import ptq
 from anybit.checkpoint import checkpoint_paths
 from anybit.evaluation import evaluate
-from anybit.quant import check_bits
+from anybit.quant import DEFAULT_KEEP_FIRST_LAST, check_bits
 from anybit.report import RunRecorder, format_table
 
 from .common import (
+    load_split,
     CLIError,
     add_data_option_arg,
-    check_model_fits,
     add_run_args,
+    bits_int,
+    check_model_fits,
+    data_inputs,
+    data_source,
+    fraction,
+    non_empty,
+    strict_int,
     add_test_subset_arg,
     non_negative_int,
     positive_int,
@@ -33,10 +40,7 @@ from .eval_cmd import dataset_from_metadata
 def _bits_or_none(text: str) -> int | None:
     if text.lower() in ("none", "off", "no"):
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bit-width (1..16, 32) or 'none'") from None
+    return strict_int(text, "a bit-width (1..16, 32) or 'none'")
 
 
 CALIB_SIZE = 1000
@@ -53,18 +57,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("checkpoint", help="run directory or checkpoint path (float, or converted: used at 32 bits)")
     p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder or synthetic "
                                      "(default: the checkpoint's own)")
-    p.add_argument("--data-dir", help="directory holding the dataset (default: $ANYBIT_DATA, then system paths)")
+    p.add_argument("--data-dir", type=non_empty,
+                   help="directory holding the dataset; when given, only it is used (default: $ANYBIT_DATA, then "
+                        "system paths)")
     add_data_option_arg(p, "default: the options the checkpoint records")
     p.add_argument("--calib-size", type=positive_int,
                    help=f"calibration samples drawn from the train split (default: {CALIB_SIZE}, or the whole "
                         f"split if it is smaller)")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 1..16 or 32 (default: %(default)s)")
-    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 1..16 or 32 (default: %(default)s)")
+    p.add_argument("--w-bits", type=bits_int, default=4, help="weight bits, 1..16 or 32 (default: %(default)s)")
+    p.add_argument("--a-bits", type=bits_int, default=4, help="activation bits, 1..16 or 32 (default: %(default)s)")
     p.add_argument("--pipeline", choices=list(ptq.PIPELINES), default="advanced",
                    help="rtn: min/max ranges; mse: MSE ranges; adaquant: + AdaQuant; light: + bit allocation "
                         "+ BN tuning; advanced: + bit allocation + AdaQuant + BN tuning + bias tuning "
                         "(default: %(default)s)")
-    p.add_argument("--keep-first-last", type=_bits_or_none, default=8,
+    p.add_argument("--keep-first-last", type=_bits_or_none, default=DEFAULT_KEEP_FIRST_LAST,
                    help="bits of the first and last layer, or 'none' to quantize them like the rest "
                         "(default: %(default)s)")
     p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential",
@@ -78,12 +84,12 @@ def add_parser(subparsers) -> None:
                    help="bias tuning steps (default: %(default)s)")
     p.add_argument("--max-cache-mib", type=positive_int, default=ptq.PTQConfig.max_cache_bytes // 2**20,
                    help="largest AdaQuant cache of one layer's inputs and outputs, MiB (default: %(default)s)")
-    p.add_argument("--budget", type=float,
+    p.add_argument("--budget", type=fraction,
                    help="light/advanced: allocate bits per layer by integer programming (anybit.mixed) within "
                         "this fraction of the float model's weight size (--metric size) or BOPs; without it "
                         "every layer runs at --w-bits/--a-bits")
     p.add_argument("--metric", choices=["size", "bops"], help="what --budget limits (default: size)")
-    p.add_argument("--bit-options", help="bit-widths --budget chooses from (default: 2,3,4,8)")
+    p.add_argument("--bit-options", type=non_empty, help="bit-widths --budget chooses from (default: 2,3,4,8)")
     add_test_subset_arg(p)
     p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (default: %(default)s)")
     add_run_args(p)
@@ -95,11 +101,13 @@ def _config(args: argparse.Namespace) -> ptq.PTQConfig:
     check_bits(args.a_bits, "--a-bits")
     if args.keep_first_last is not None:
         check_bits(args.keep_first_last, "--keep-first-last")
-    given = [flag for flag, value in (("--metric", args.metric), ("--bit-options", args.bit_options)) if value]
+    given = [flag for flag, value in (("--metric", args.metric), ("--bit-options", args.bit_options))
+             if value is not None]
     if given and args.budget is None:
         raise CLIError(f"{' and '.join(given)}: only for the per-layer allocation of --budget; add --budget F "
                        f"or drop {' and '.join(given)}")
-    args.metric, args.bit_options = args.metric or "size", args.bit_options or "2,3,4,8"
+    args.metric = args.metric or "size"
+    args.bit_options = "2,3,4,8" if args.bit_options is None else args.bit_options
     if args.budget is not None:
         if args.pipeline not in ("light", "advanced"):
             raise CLIError(f"--budget allocates bits in the light and advanced pipelines, not in {args.pipeline!r}")
@@ -119,7 +127,11 @@ def _bit_allocator(args: argparse.Namespace):
 
     if not hasattr(mixed, "ptq_bit_allocator"):
         raise CLIError("this anybit has no bit allocator for PTQ (anybit.mixed.ptq_bit_allocator); drop --budget")
-    return mixed.ptq_bit_allocator(args.budget, args.metric, mixed.resolve_options(args.bit_options))
+    try:
+        options = mixed.resolve_options(args.bit_options)
+    except ValueError as e:
+        raise CLIError(f"--bit-options {args.bit_options!r}: {e}") from None
+    return mixed.ptq_bit_allocator(args.budget, args.metric, options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,18 +141,20 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     meta = anybit.read_metadata(args.checkpoint)
     name, data_options = dataset_from_metadata(args, meta)
+    out = prepare_out_dir(args.out, args.overwrite, inputs=[*checkpoint_paths(args.checkpoint),
+                                                            *data_inputs(args.data_dir)], command="ptq")
     model = anybit.load(args.checkpoint)
     ptq.check_quantizable(model)
-    train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
-    test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
+    train_set = load_split(name, "train", args.data_dir, data_options, augment=False)
+    test_set = load_split(name, "test", args.data_dir, data_options)
     check_model_fits(model, test_set)
     calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=CALIB_SIZE)
     args.calib_size = len(calib)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
-    out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.checkpoint))
 
     recorder = RunRecorder(out, "ptq", {
         "checkpoint": str(args.checkpoint), "dataset": name, "dataset_options": data_options,
+        "data_source": data_source(train_set, test_set),
         "calib_size": args.calib_size, "test_size": len(test_set), "device": str(device), "budget": args.budget,
         "metric": args.metric if args.budget is not None else None, **config.to_dict()})
     model = model.to(device)

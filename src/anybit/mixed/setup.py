@@ -28,6 +28,7 @@ from torch import nn
 
 from ..quant import FLOAT_BITS, precision, quant_layers
 from .calib import calibration_batches
+from .errors import MixedPrecisionError
 
 LayerSetup = Callable[[nn.Module, str, int, int], None]
 
@@ -86,7 +87,8 @@ class MinMaxSetup:
         if self._model_ref is None or self._model_ref() is not model:
             self.observe(model)
         if layer_name not in self._stats:
-            raise ValueError(f"layer {layer_name!r} did not run on the calibration data; cannot calibrate its range")
+            raise MixedPrecisionError(f"layer {layer_name!r} did not run on the calibration data; cannot calibrate "
+                                      f"its range")
         lo, hi = self._stats[layer_name]
         layer.input_quant.set_range(a_bits, lo, hi, learnable=False)
 

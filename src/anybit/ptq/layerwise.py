@@ -29,7 +29,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..progress import progress
-from ..quant import FLOAT_BITS, QuantConv2d, QuantLinear, QuantSpec, convert, precision, quant_layers, set_precision
+from ..quant import (
+    DEFAULT_KEEP_FIRST_LAST,
+    FLOAT_BITS,
+    QuantConv2d,
+    QuantLinear,
+    QuantSpec,
+    convert,
+    precision,
+    quant_layers,
+    set_precision,
+)
 from .calibdata import CalibData, batches, calibration_tensor
 from .errors import CacheTooLargeError, PTQError
 from .floatcopy import PTQ_SPEC, check_quantizable, float_copy
@@ -409,7 +419,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_model(model: nn.Module, keep_first_last: int | None = 8) -> nn.Module:
+def prepare_model(model: nn.Module, keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST) -> nn.Module:
     """Convert a float model in place for PTQ (asymmetric per-channel weights); converted models pass through."""
     check_quantizable(model)
     if not quant_layers(model):
@@ -490,7 +500,7 @@ def adaquant(
     lr_weight_range: float = DEFAULT_LR_WEIGHT_RANGE,
     lr_act_range: float = DEFAULT_LR_ACT_RANGE,
     init: str = "mse",
-    keep_first_last: int | None = 8,
+    keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST,
     float_model: nn.Module | None = None,
     layers: list[str] | None = None,
     num_samples: int | None = None,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import check_bits, get_precision, quant_layers, set_precision
+from ..quant import DEFAULT_KEEP_FIRST_LAST, check_bits, check_layers_run, get_precision, quant_layers, set_precision
 from . import layerwise as aq
 from .calibdata import CalibData, calibration_tensor
 from .errors import PTQError
@@ -61,7 +61,7 @@ class PTQConfig:
     w_bits: int = 4
     a_bits: int = 4
     pipeline: str = "advanced"
-    keep_first_last: int | None = 8
+    keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST
     adaquant_mode: str = "sequential"
     adaquant_caching: str = "auto"
     iters: int = aq.DEFAULT_ITERS
@@ -301,6 +301,7 @@ def quantize(
 
     float_model = float_copy(model).to(device).eval()
     qmodel = ptq_convert(float_model, config.keep_first_last, config.skip).eval()
+    check_layers_run(qmodel, calib[:1].to(device))     # layers whose weight the parent uses directly stay float
     set_precision(qmodel, (config.w_bits, config.a_bits))
     graph = analyse(qmodel, calib[:2].to(device))
     if any(name == "adaquant" for name, _ in stages):

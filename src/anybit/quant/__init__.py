@@ -1,6 +1,6 @@
 """Quantizers, quantizable layers, conversion of any model and precision control."""
 
-from .convert import ConversionReport, NothingToQuantizeError, conversion_report, convert
+from .convert import ConversionReport, NothingToQuantizeError, check_layers_run, conversion_report, convert, float_layer
 from .batchnorm import (
     PRECISION_BN_TYPES,
     UNTRAINED_RULES,
@@ -36,10 +36,10 @@ from .precision import (
     set_precision,
 )
 from .quantizers import ActQuantizer, RangeNotCalibratedError, WeightQuantizer
-from .spec import QuantSpec, SpecError
+from .spec import DEFAULT_KEEP_FIRST_LAST, QuantSpec, SpecError
 
 __all__ = [
-    "ActQuantizer", "BitsError", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
+    "ActQuantizer", "BitsError", "DEFAULT_KEEP_FIRST_LAST", "check_layers_run", "float_layer", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
     "UNTRAINED_RULES", "bn_state", "quantization_step", "restore_bn_state", "stats_key", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
     "NothingToQuantizeError", "QUANT_LAYER_TYPES", "QuantConv2d", "QuantLinear", "QuantModule",
     "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",

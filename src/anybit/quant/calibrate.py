@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .functional import FLOAT_BITS
 from .precision import quant_layers
@@ -18,10 +19,13 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     over ``data`` (batches of ``(x, y)`` or ``x``); returns the number of layers calibrated.
 
     Layers run in float while observing; switchable BatchNorms stay at the model's current precision.
-    A single tensor is taken as one batch of inputs.
+    A single tensor is taken as one batch of inputs; a Dataset (of ``x`` or ``(x, y)`` items) is read in
+    batches of 64, as :func:`anybit.ptq.quantize` takes one.
     """
     if isinstance(data, torch.Tensor):
         data = [data]
+    elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size=64, shuffle=False)
     layers = quant_layers(model)
     lows: dict[str, torch.Tensor] = {}
     highs: dict[str, torch.Tensor] = {}

@@ -133,6 +133,12 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
                 layer = model.get_submodule(name)
                 layer.pinned = (spec.keep_first_last, spec.keep_first_last)
                 report.pinned.append(name)
+    if spec.keep_first_last is not None and len(report.pinned) == len(report.converted):
+        warnings.warn(
+            f"anybit.convert pinned every quantizable layer of {type(model).__name__} at keep_first_last="
+            f"{spec.keep_first_last} (its {len(report.converted)} layer(s) are the first and the last), so no layer "
+            f"follows set_precision: nothing is left to quantize. Use keep_first_last=None to quantize them",
+            stacklevel=2)
     if report.unsupported:
         listed = ", ".join(f"{n} ({t})" for n, t in report.unsupported[:8])
         more = f" and {len(report.unsupported) - 8} more" if len(report.unsupported) > 8 else ""
@@ -152,3 +158,105 @@ def conversion_report(model: nn.Module) -> dict:
     if "conversion" not in meta:
         raise ValueError("this model was not converted by anybit.convert")
     return meta["conversion"]
+
+
+def float_layer(layer: nn.Module) -> nn.Module:
+    """The plain ``nn.Conv2d``/``nn.Linear``/``nn.MultiheadAttention`` of a quantizable layer, sharing its
+    parameter and buffer objects (its 32-bit behaviour, exactly)."""
+    if isinstance(layer, QuantConv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                          bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
+    elif isinstance(layer, QuantLinear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    elif isinstance(layer, QuantMultiheadAttention):
+        plain = nn.MultiheadAttention(
+            layer.embed_dim, layer.num_heads, dropout=layer.dropout, bias=layer.in_proj_bias is not None,
+            add_bias_kv=layer.bias_k is not None, add_zero_attn=layer.add_zero_attn, kdim=layer.kdim,
+            vdim=layer.vdim, batch_first=layer.batch_first, device="meta",
+        )
+        plain.out_proj = layer.out_proj
+    else:
+        raise TypeError(f"{type(layer).__name__} is not a quantizable layer")
+    for name, p in layer.named_parameters(recurse=False):
+        setattr(plain, name, p)
+    for name, b in layer.named_buffers(recurse=False):
+        setattr(plain, name, b)
+    plain.train(layer.training)
+    return plain
+
+
+def check_layers_run(model: nn.Module, example_input, warn: bool = True) -> list[str]:
+    """Run ``model`` once on ``example_input`` (float, eval mode, no gradients) and turn every converted
+    layer whose own forward never ran back into a float layer; returns their names.
+
+    A parent module that hands a layer's weight to a function itself (torchvision's Swin passes
+    ``attn.qkv.weight`` to ``F.linear``) bypasses the quantized forward: such a layer would be
+    "converted" but run in float. It is reported as left in float instead (``conversion_report(model)``:
+    ``not_run`` and ``unsupported``; added to the spec's ``skip`` so that a saved checkpoint reloads the
+    same way), and first/last pinning moves to the first and last layers that do run."""
+    import torch
+
+    from .functional import FLOAT_BITS
+    from .precision import get_precision, quant_layers
+
+    layers = quant_layers(model)
+    if not layers:
+        return []
+    ran: set[str] = set()
+    hooks = [layer.register_forward_pre_hook(lambda _m, _i, n=name: ran.add(n)) for name, layer in layers.items()]
+    saved = get_precision(model)
+    was_training = model.training
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    bns = [(m, m.active) for m in model.modules() if isinstance(m, SwitchableBatchNorm)]
+    try:
+        for bn, active in bns:
+            if active not in bn.bns:
+                bn.active = next(iter(bn.bns.keys()))
+        model.eval()
+        for layer in layers.values():
+            layer.set_bits(FLOAT_BITS, FLOAT_BITS)
+        with torch.no_grad():
+            model(*args)
+    finally:
+        model.train(was_training)
+        for name, pair in saved.items():
+            layers[name].set_bits(*pair)
+        for h in hooks:
+            h.remove()
+        for bn, active in bns:
+            bn.active = active
+    idle = [n for n in layers if n not in ran]
+    if not idle:
+        return []
+    meta = dict(getattr(model, "anybit_meta", {}) or {})
+    report = dict(meta.get("conversion") or {})
+    spec = dict(meta.get("quant_spec") or {})
+    keep = spec.get("keep_first_last")
+    for name in idle:
+        _set_submodule(model, name, float_layer(layers[name]))
+    remaining = [n for n in layers if n not in idle]
+    pinned = []
+    if keep is not None and remaining:
+        ends = {remaining[0], remaining[-1]}
+        for name in remaining:
+            layer = layers[name]
+            layer.pinned = (keep, keep) if name in ends else None
+            if name in ends:
+                pinned.append(name)
+                layer.set_bits(*(p if p == FLOAT_BITS else keep for p in saved[name]))
+    report["converted"] = [n for n in report.get("converted", list(layers)) if n not in idle]
+    report["pinned"] = pinned if keep is not None else report.get("pinned", [])
+    report["not_run"] = sorted(set(report.get("not_run", [])) | set(idle))
+    report["unsupported"] = [*report.get("unsupported", []),
+                             *({"name": n, "type": f"{type(layers[n]).__name__} (weight used outside its forward)"}
+                               for n in idle)]
+    spec["skip"] = [*spec.get("skip", []), *idle]
+    meta.update(conversion=report, quant_spec=spec)
+    model.anybit_meta = meta
+    if warn:
+        listed = ", ".join(idle[:4]) + (f" and {len(idle) - 4} more" if len(idle) > 4 else "")
+        warnings.warn(f"{len(idle)} of {len(layers)} converted layers never ran their own forward (their parent "
+                      f"module uses their weights directly): left in float, not quantized: {listed}",
+                      stacklevel=2)
+    return idle

@@ -181,10 +181,20 @@ def _macs(layer: nn.Module, inputs: tuple, output) -> int:
 @torch.no_grad()
 def quantizable_layers(model: nn.Module, example_input: torch.Tensor | tuple | None = None) -> list[LayerInfo]:
     """List quantizable layers with weight parameter counts and, given an example input
-    (batch of one or more), multiply-accumulates per sample (``macs`` is ``None`` otherwise)."""
+    (batch of one or more), multiply-accumulates per sample (``macs`` is ``None`` otherwise).
+
+    With an example input, converted layers whose own forward never runs (their parent uses the weight
+    directly) are first turned back into float layers and reported (:func:`anybit.quant.check_layers_run`):
+    they are never listed as quantizable."""
+    if not quant_layers(model):
+        raise NotConvertedError("this model has no quantizable layers: call anybit.convert(model) first")
+    if example_input is not None:
+        from .convert import check_layers_run
+
+        check_layers_run(model, example_input)
     layers = quant_layers(model)
     if not layers:
-        raise NotConvertedError("this model has no quantizable layers: call anybit.convert(model) first")
+        raise NotConvertedError("no layer of this model runs its quantized forward: nothing is quantizable")
     macs: dict[str, int] = {}
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)

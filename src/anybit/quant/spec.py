@@ -13,11 +13,19 @@ class SpecError(ValueError):
     """An invalid quantization setting."""
 
 
+DEFAULT_KEEP_FIRST_LAST = 8
+"""The one rule for the first and last quantizable layers: pinned at 8 bits unless told otherwise (``QuantSpec``,
+``anybit.convert``, ``anybit.ptq``, ``anybit mixed`` on float checkpoints). Multi-bit training pins them at 32
+instead (``TrainConfig.keep_first_last``): its fixed [0, 1] activation clip would destroy the first layer's signed
+input at any integer precision. ``None`` quantizes them like every other layer."""
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How :func:`anybit.convert` quantizes a model.
 
-    weight: weight quantizer, ``"dorefa"`` (Any-Precision style), ``"symmetric"`` or ``"asymmetric"``.
+    weight: weight quantizer, ``"symmetric"`` (default: per-channel, approximates a float model),
+        ``"asymmetric"`` or ``"dorefa"`` (Any-Precision style, the multi-bit training methods' choice).
     weight_per_channel: per-output-channel ranges; ``None`` = per-tensor for dorefa, per-channel otherwise.
     act: activation range ``"learned"`` (LSQ-style, starts at the first batch's min/max) or ``"fixed"``.
     act_range: the fixed range (or the starting value of a learned one before data is seen).
@@ -34,11 +42,12 @@ class QuantSpec:
         ``"interpolate"``, ``"nearest"`` or ``"shared"`` (see ``PrecisionBatchNorm2d.statistics``).
     bn_bits: precisions that get their own BatchNorm (``bn="switchable"``) or their own statistics
         (``bn_stats="per-precision"``).
-    keep_first_last: pin the first and last quantizable layers at this bit-width (``None``: not pinned).
+    keep_first_last: pin the first and last quantizable layers at this bit-width (default 8,
+        :data:`DEFAULT_KEEP_FIRST_LAST`; ``None``: not pinned).
     skip: layer names or glob patterns left in float.
     """
 
-    weight: str = "dorefa"
+    weight: str = "symmetric"
     weight_per_channel: bool | None = None
     act: str = "learned"
     act_range: tuple[float, float] = (0.0, 1.0)
@@ -49,7 +58,7 @@ class QuantSpec:
     bn_stats: str = "shared"
     bn_untrained: str = "interpolate"
     bn_bits: tuple[int, ...] = ()
-    keep_first_last: int | None = None
+    keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST
     skip: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
