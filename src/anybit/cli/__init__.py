@@ -22,7 +22,8 @@ import warnings
 from contextlib import contextmanager
 
 from .errors import UsageError
-from .outdir import Interrupted, close_out_dirs, install_signal_handlers, open_out_dirs, restore_signal_handlers
+from .outdir import (Interrupted, close_out_dirs, install_signal_handlers, open_out_dirs, restore_signal_handlers,
+                     signal_raised)
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -97,8 +98,8 @@ def _report(e: BaseException, state: dict, notes: list[str]) -> int:
     if state["debug"] and not isinstance(e, KeyboardInterrupt):
         traceback.print_exc()
     tail = "".join(f"; {n}" for n in notes)
-    if isinstance(e, KeyboardInterrupt):
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    if isinstance(e, KeyboardInterrupt) or signal_raised() is not None:
+        signum = e.signum if isinstance(e, Interrupted) else (signal_raised() or signal.SIGINT)
         print(f"{_prog(state)}: interrupted ({signal.Signals(signum).name}){tail}", file=sys.stderr)
         return 128 + int(signum)
     if isinstance(e, UsageError):

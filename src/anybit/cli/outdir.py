@@ -53,9 +53,17 @@ class Interrupted(KeyboardInterrupt):
 # ---------------------------------------------------------------------- signals
 _critical_depth = 0
 _pending: list[int] = []
+_raised: list[int] = []     # the signals raised since the handlers were installed
+
+
+def signal_raised() -> int | None:
+    """The first signal the handler raised in this command (``None``: none). An interrupted import can
+    end in another exception (a half-initialised module), which is still the interruption's doing."""
+    return _raised[0] if _raised else None
 
 
 def _raise_for(signum: int) -> None:
+    _raised.append(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Interrupted(signum)
@@ -462,6 +470,7 @@ def install_signal_handlers() -> dict:
     import threading
 
     previous = {}
+    _raised.clear()
     if threading.current_thread() is not threading.main_thread():
         return previous
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
