@@ -4,7 +4,7 @@ Convert any model, set its precision per layer, train it for many bit-widths at 
 calibrate it after training, and allocate bits per layer under a budget.
 """
 
-from . import data, mixed, models, ptq, quant, train
+from . import data, export, mixed, models, ptq, quant, train
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .quant import (
     BitsError,
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitsError", "CheckpointError", "LayerInfo", "QuantSpec", "__version__", "calibrate_activations", "conversion_report", "convert",
-    "data", "get_precision", "load", "mixed", "models", "ptq", "quant", "train", "precision", "quantizable_layers", "read_metadata", "save", "set_precision",
+    "data", "export", "get_precision", "load", "mixed", "models", "ptq", "quant", "train", "precision", "quantizable_layers", "read_metadata", "save", "set_precision",
 ]

@@ -9,17 +9,17 @@ import traceback
 
 import anybit
 
-from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
+from . import eval_cmd, export_cmd, mixed_cmd, ptq_cmd, train_cmd
 from .common import close_out_dirs
 
-SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd]
+SUBCOMMANDS = [train_cmd, eval_cmd, mixed_cmd, ptq_cmd, export_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anybit",
         description="One PyTorch model, every precision: train for many bit-widths at once, "
-                    "calibrate after training, allocate bits per layer.",
+                    "calibrate after training, allocate bits per layer, export what runs.",
     )
     parser.add_argument("--version", action="version", version=f"anybit {anybit.__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
