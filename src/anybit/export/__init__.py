@@ -18,12 +18,12 @@ from .api import FORMATS, check_runs, export
 from .bitpack import pack_codes, packed_nbytes, unpack_codes
 from .codes import WeightCodes, weight_codes
 from .errors import ExportError, ExportFileError
-from .onnx_qdq import OnnxSession, onnx_session, read_onnx_sidecar
+from .onnx_qdq import OnnxSession, onnx_session, read_onnx_sidecar, with_onnx_weights
 from .packed import load_packed, read_packed
 
 __all__ = [
     "ExportError", "ExportFileError", "FORMATS", "OnnxSession", "WeightCodes", "check_runs", "export", "load_packed",
-    "onnx_session", "pack_codes", "packed_nbytes", "read_onnx_sidecar", "read_packed", "unpack_codes", "weight_codes",
+    "onnx_session", "pack_codes", "packed_nbytes", "read_onnx_sidecar", "read_packed", "unpack_codes", "weight_codes", "with_onnx_weights",
 ]
 
 

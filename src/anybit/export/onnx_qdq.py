@@ -141,6 +141,9 @@ def activation_grid(layer: nn.Module) -> _Grid | None:
     return _Grid(float(scale), int(zp), 2**layer.a_bits - 1)
 
 
+SHIFT_TOLERANCE = 0.02   # largest systematic per-channel weight shift kept, in steps of the layer's grid
+
+
 def int_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b: np.ndarray,
                 container: tuple[int, int] = (-128, 127)) -> dict:
     """Per output channel, integer codes ``c``, scale ``s`` and integer zero point ``z`` with
@@ -178,11 +181,15 @@ def int_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b: np.
                 best = (err, m, zm, o_lo)
             if err <= 1e-9 * max(1.0, abs(z)):
                 break
-        if best is None:    # the codes cannot be placed in the container: round the weights on their own grid
+        if best is None or best[0] > SHIFT_TOLERANCE:
+            # no integer zero point within reach: a shift of the whole channel would bias every output by the
+            # same sign, so the channel's weights are rounded on an 8-bit grid of their own (zero-mean errors)
             w = target[c]
-            s = max(np.abs(w).max() / hi_c, 1e-12)
-            out_c[c] = np.clip(np.round(w / s), lo_c, hi_c)
-            scale[c], zp[c], multiple[c] = s, 0, 0
+            lo_w, hi_w = min(w.min(), 0.0), max(w.max(), 0.0)
+            s = max((hi_w - lo_w) / (hi_c - lo_c), 1e-12)
+            z = int(np.clip(np.round(lo_c - lo_w / s), lo_c, hi_c))
+            out_c[c] = np.clip(np.round(w / s) + z, lo_c, hi_c)
+            scale[c], zp[c], multiple[c] = s, z, 0
             continue
         _, m, zm, o = best
         out_c[c] = m * qs - o
@@ -191,7 +198,7 @@ def int_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b: np.
         multiple[c] = m
     scale32 = scale.astype(np.float32)
     got = scale32.astype(np.float64)[:, None] * (out_c - zp[:, None])
-    step = np.maximum(a_abs, 1e-30)[:, None]
+    step = np.maximum(np.where(multiple > 0, a_abs, scale), 1e-30)[:, None]
     error_steps = float(np.max(np.abs(got - target) / step)) if q.size else 0.0
     return {"codes": out_c.reshape(codes.shape), "scale": scale32, "zero_point": zp, "multiple": multiple,
             "max_error_steps": error_steps}
@@ -630,3 +637,26 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> OnnxSes
         raise ExportFileError(f"{onnx_file} could not be opened by ONNX Runtime ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}); the file is corrupt or not an ONNX model") from e
     return OnnxSession(session, sidecar)
+
+
+@torch.no_grad()
+def with_onnx_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (at its precision) whose quantized weights are the ones the ONNX export writes
+    (the int8 representation, before BatchNorm folding), frozen: its accuracy against ``model``'s measures
+    what rounding the weight bias correction shift to the int8 grid changes, nothing else."""
+    import copy
+
+    from ..quant import quant_layers
+
+    twin = copy.deepcopy(model)
+    for name, layer in quant_layers(twin).items():
+        if isinstance(layer, QuantMultiheadAttention) or layer.w_bits == FLOAT_BITS:
+            continue
+        codes = weight_codes(layer, "weight", layer.w_bits, where=f"layer {name!r}")
+        a, b = (t.numpy() for t in codes.channel_affine())
+        rep = int_weights(codes.codes, codes.qmin, codes.qmax, a, b)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        w = rep["scale"].astype(np.float64).reshape(shape) * (rep["codes"] - rep["zero_point"].reshape(shape))
+        layer.weight.data = torch.from_numpy(w).to(layer.weight.dtype)
+        layer.frozen_bits = layer.w_bits
+    return twin
