@@ -460,7 +460,7 @@ def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, bn, int4: b
         rep = None
         if int4:
             rep = int_weights(codes.codes, codes.qmin, codes.qmax, a, c0, (-8, 7))
-            if rep["max_error_steps"] > 1e-6 or (rep["multiple"] == 0).any():
+            if rep["max_error_steps"] > 1e-4 or (rep["multiple"] == 0).any():
                 rep = None
         dtype = TensorProto.INT4 if rep is not None else None
         rep = rep or int_weights(codes.codes, codes.qmin, codes.qmax, a, c0)
@@ -470,7 +470,7 @@ def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, bn, int4: b
         w = b.node("DequantizeLinear", [w_q, w_s, w_z], name + "_w_dq", axis=0)
         info.update({"weight_type": "int4" if dtype is not None else "int8",
                      "max_weight_error_steps": rep["max_error_steps"],
-                     "exact": rep["max_error_steps"] <= 1e-6, "multiple": int(rep["multiple"].max())})
+                     "exact": rep["max_error_steps"] <= 1e-4, "multiple": int(rep["multiple"].max())})
         if grid is not None:
             bias_scale = (np.float32(grid.scale) * rep["scale"]).astype(np.float32)
             q_bias = np.round(bias / bias_scale.astype(np.float64))
