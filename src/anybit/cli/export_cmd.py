@@ -46,6 +46,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--int4", action="store_true",
                    help="onnx: store weights whose codes fit in 4 bits as ONNX INT4 (smaller file; ONNX Runtime "
                         "runs them through float convolutions)")
+    p.add_argument("--no-requantize", action="store_true",
+                   help="onnx: leave out the 8-bit requantizations of outputs that feed residual adds; those layers "
+                        "then run as float convolutions and the graph computes exactly what the PyTorch model does "
+                        "(slower)")
     p.add_argument("--calib-size", type=positive_int,
                    help=f"onnx, and bit maps without calibrated ranges: training images for activation ranges "
                         f"(default: {MIXED_CALIB_SIZE})")
@@ -75,6 +79,8 @@ def _parse(args: argparse.Namespace) -> list[int] | None:
         raise CLIError(f"--format packed stores codes of 1..8 bits or 32-bit floats, not {wide} bits")
     if args.int4 and args.format != "onnx":
         raise CLIError("--int4 applies to --format onnx; drop it")
+    if args.no_requantize and args.format != "onnx":
+        raise CLIError("--no-requantize applies to --format onnx; drop it")
     return bits
 
 
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                                           mixed.needs_calibration(model, {a for _, a in bit_map.values()}))
     out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.checkpoint))
     recorder = RunRecorder(out, "export", {"checkpoint": str(args.checkpoint), "bits": bits, "bit_map": args.bit_map,
-                                           "format": args.format, "int4": args.int4, "dataset": name,
+                                           "format": args.format, "int4": args.int4,
+                                           "requantize": not args.no_requantize, "dataset": name,
                                            "options": options, "calib_size": args.calib_size})
     calib_loader = None
     calibrated = None
@@ -123,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     with recorder.timed("export"):
         summary = anybit.export(model, out, bits=bits if bits is None or len(bits) > 1 else bits[0],
                                 bit_map=bit_map, format=args.format, example_input=example,
-                                calib_data=calib_loader, int4=args.int4, metadata=metadata)
+                                calib_data=calib_loader, int4=args.int4, requantize=not args.no_requantize,
+                                metadata=metadata)
     source_bytes = checkpoint_paths(args.checkpoint)[0].stat().st_size
     summary["checkpoint_bytes"] = source_bytes
     recorder.data["metrics"] = summary
@@ -135,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"packed weights {summary['weight_bytes']} bytes = {summary['weights_vs_float_weights']:.3f} of the "
               f"float weights ({summary['float_weight_bytes']} bytes); everything else {summary['other_bytes']} bytes")
     else:
-        inexact = {n: round(v["max_weight_error_steps"], 4) for n, v in summary["layers"].items()
-                   if "max_weight_error_steps" in v and not v["exact"]}
-        print(f"requantized outputs: {summary['requantized']}; layers whose weights are rounded to the int8 grid: "
-              f"{len(inexact)}" + (f" (largest error {max(inexact.values())} of a step)" if inexact else ""))
+        layers = summary["layers"].values()
+        integer = sum(v["kernel"] == "integer" for v in layers)
+        shifted = sum(bool(v.get("weight_shift")) for v in layers)
+        print(f"layers on integer kernels: {integer} of {len(summary['layers'])}; with weight bias correction's "
+              f"per-channel shift (float convolutions): {shifted}; requantized outputs: {summary['requantized']}")
     print(f"wrote {', '.join(summary['files'])} and {out / 'run.json'}")
     return 0

@@ -64,13 +64,14 @@ def check_runs(model: nn.Module, precisions: list, example_input: torch.Tensor) 
 
 def export(model: nn.Module, out: str | os.PathLike, bits: int | Iterable[int] | None = None,
            bit_map: Mapping | None = None, format: str = "packed", example_input: torch.Tensor | None = None,
-           calib_data=None, int4: bool = False, metadata: dict | None = None) -> dict:
+           calib_data=None, int4: bool = False, requantize: bool = True, metadata: dict | None = None) -> dict:
     """Export a converted ``model`` into the directory ``out`` and return a summary (sizes, files).
 
     ``format="packed"``: ``out/model.safetensors`` + ``out/model.json`` with integer codes (1..8 bits);
     ``bits`` as a list (``[1, 2, ..., 8]``, optionally with 32) writes one every-precision package.
     ``format="onnx"``: ``out/model.onnx`` + ``out/model.json``, a QDQ graph for ONNX Runtime's integer
-    kernels; ``calib_data`` gives the ranges of its extra output requantizations (default: the example).
+    kernels; ``calib_data`` gives the ranges of its extra output requantizations (default: the example);
+    ``requantize=False`` leaves them out (those layers run as float convolutions, exactly the PyTorch model).
     ``example_input`` (a batch) is required: the export is run and checked on it. The model's precision
     is left as it was. Files are written to temporary names and renamed.
     """
@@ -84,6 +85,8 @@ def export(model: nn.Module, out: str | os.PathLike, bits: int | Iterable[int] |
         raise ExportError("export needs example_input, a batch of inputs (e.g. torch.randn(1, 3, 32, 32)), to "
                           "trace and check the exported model")
     precisions = _precisions(model, bits, bit_map)
+    if format != "onnx" and (int4 or not requantize):
+        raise ExportError("int4 and requantize apply to format='onnx'")
     if format == "onnx" and len(precisions) > 1:
         raise ExportError("an ONNX file holds one precision: give one bit-width (or a bit map)")
     for p in precisions:
@@ -103,7 +106,8 @@ def export(model: nn.Module, out: str | os.PathLike, bits: int | Iterable[int] |
         saved = get_precision(model)
         try:
             set_precision(model, precisions[0])
-            summary = export_onnx(model, out, example_input, calib_data, int4=int4, metadata=metadata)
+            summary = export_onnx(model, out, example_input, calib_data, int4=int4, metadata=metadata,
+                                  requantize=requantize)
         finally:
             for name, pair in saved.items():
                 quant_layers(model)[name].set_bits(*pair)

@@ -9,14 +9,15 @@ and written node by node:
 - its weight is an int8 (or, with ``int4=True``, int4 where the codes fit) initializer with a per-output-
   channel ``DequantizeLinear``: the layer's own integer codes, with the BatchNorm that follows folded into
   the channel scales and the bias. A channel whose weight is not ``scale * (code - zero_point)`` with an
-  integer zero point (weight bias correction's per-channel shift, DoReFa at 8 bits) is written on a finer
-  integer grid ``M`` times denser, the shift rounded to it (at most ``1/(2M)`` of a step); the sidecar
-  records the largest weight error of every layer;
-- ONNX Runtime fuses ``DQ → Conv → Q`` into ``QLinearConv`` only when a ``QuantizeLinear`` follows the
-  convolution. Where the output feeds (after an optional ReLU) only quantizable layers with one grid, that
-  grid is the next layer's own input quantizer; elsewhere (a residual add) an 8-bit requantization of the
-  output is added, its range the min/max over calibration data. These are the only places where the ONNX
-  model computes something the fake-quantized PyTorch model does not.
+  integer zero point on any grid the container holds (weight bias correction, DoReFa at 8 bits) gets the
+  rest as a per-channel shift added to the dequantized weight: exact (:func:`integer_weights`);
+- ONNX Runtime runs a layer on integer kernels when its input is quantized, its weight has no shift and,
+  for a convolution, a ``QuantizeLinear`` follows it. Where the output feeds (after an optional ReLU) only
+  quantizable layers with one grid, that grid is the next layer's own input quantizer; elsewhere (a
+  residual add) an 8-bit requantization of the output is added, aligned with its consumers' grid where
+  that grid covers the calibrated range, else on the calibrated min/max, and residual adds of quantized
+  tensors are quantized too (``QLinearAdd``). These requantizations are the only places where the ONNX
+  model computes something the fake-quantized PyTorch model does not (``requantize=False`` leaves them out).
 """
 
 from __future__ import annotations
@@ -94,14 +95,13 @@ def _bn_statistics(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module]
 
 
 class _Observer(fx.Interpreter):
-    """Runs the traced model, recording BatchNorm statistics as used and min/max of chosen nodes."""
+    """Runs the traced model, recording the BatchNorm statistics it uses and every node's shape and min/max."""
 
-    def __init__(self, gm: fx.GraphModule, watch: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.bn: dict[str, tuple] = {}
         self.ranges: dict[str, list[float]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.watch = watch
 
     def run_node(self, n: fx.Node):
         if n.op == "call_module":
@@ -111,7 +111,7 @@ class _Observer(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.shapes[n.name] = tuple(out.shape)
-            if n.name in self.watch:
+            if out.is_floating_point() and out.numel():
                 lo, hi = float(out.min()), float(out.max())
                 r = self.ranges.setdefault(n.name, [lo, hi])
                 r[0], r[1] = min(r[0], lo), max(r[1], hi)
@@ -128,6 +128,11 @@ class _Grid:
     def key(self) -> tuple:
         return (np.float32(self.scale).item(), self.zero_point, self.qmax)
 
+    def covers(self, lo: float, hi: float) -> bool:
+        """Whether ``[lo, hi]`` lies within the grid's range (give or take half a step)."""
+        step = float(np.float32(self.scale))
+        return lo >= -(self.zero_point + 0.5) * step and hi <= (self.qmax - self.zero_point + 0.5) * step
+
 
 def activation_grid(layer: nn.Module) -> _Grid | None:
     """The input grid of a quantizable layer at its precision (None at 32 bits)."""
@@ -141,67 +146,67 @@ def activation_grid(layer: nn.Module) -> _Grid | None:
     return _Grid(float(scale), int(zp), 2**layer.a_bits - 1)
 
 
-SHIFT_TOLERANCE = 0.02   # largest systematic per-channel weight shift kept, in steps of the layer's grid
+EXACT_STEPS = 1e-6   # a residual shift below this share of a weight step is float rounding, not a shift
 
 
-def int_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b: np.ndarray,
-                container: tuple[int, int] = (-128, 127)) -> dict:
-    """Per output channel, integer codes ``c``, scale ``s`` and integer zero point ``z`` with
-    ``s * (c - z)`` closest to ``a * q + b`` for the layer's codes ``q`` in ``[qmin, qmax]``."""
+def integer_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b: np.ndarray,
+                    container: tuple[int, int] = (-128, 127)) -> dict:
+    """Per output channel, integer codes ``c`` (in ``container``), a scale ``s``, an integer zero point ``z``
+    and a shift ``r`` with ``s * (c - z) + r == a * q + b`` in exact arithmetic for the layer's codes ``q``.
+
+    Where ``-b / a`` is an integer on a grid ``M`` times finer that the container holds (symmetric,
+    asymmetric and calibrated grids; DoReFa's half-integer zero point on even ``M``) the shift is 0; the
+    largest such ``M`` is taken, so that the accumulator step an integer kernel rounds its bias to,
+    ``input scale * s``, is as fine as the container allows. Otherwise (weight bias correction, 8-bit
+    DoReFa) ``z`` is the nearest integer and ``r`` the rest, added to the dequantized weight.
+    ``max_error_steps`` checks the representation.
+    """
     lo_c, hi_c = container
     q = codes.reshape(codes.shape[0], -1).numpy().astype(np.int64)
     channels = q.shape[0]
-    sign = np.where(a < 0, -1, 1)
-    a_abs = np.abs(a)
     out_c = np.zeros_like(q)
     scale = np.ones(channels)
     zp = np.zeros(channels, dtype=np.int64)
+    shift = np.zeros(channels)
     multiple = np.ones(channels, dtype=np.int64)
     span = qmax - qmin
-    m_max = (hi_c - lo_c) // span if span else hi_c
-    target = a[:, None] * q + b[:, None]
+    if span > hi_c - lo_c:
+        raise ValueError(f"{span + 1} levels do not fit an integer container of {hi_c - lo_c + 1}")
+    m_max = max((hi_c - lo_c) // span if span else 1, 1)
     for c in range(channels):
-        if a_abs[c] == 0:   # every weight equal: one level
-            s = abs(b[c]) / hi_c if b[c] != 0 else 1.0
-            out_c[c] = round(b[c] / s) if b[c] != 0 else 0
-            scale[c] = s
+        if a[c] == 0:   # every weight of the channel equal: the shift alone
+            shift[c] = b[c]
             continue
-        z = -b[c] / a[c] * sign[c]          # in the sign-adjusted code space
-        qs = sign[c] * q[c]
-        q_lo, q_hi = (sign[c] * qmin, sign[c] * qmax) if sign[c] > 0 else (-qmax, -qmin)
-        best = None
-        for m in range(1, max(m_max, 0) + 1):
-            zm = round(m * z)
-            o_lo = max(m * q_hi - hi_c, zm - hi_c)
-            o_hi = min(m * q_lo - lo_c, zm - lo_c)
-            if o_lo > o_hi:
-                continue
-            err = abs(m * z - zm) / m
-            if best is None or err < best[0] - 1e-12:
-                best = (err, m, zm, o_lo)
-            if err <= 1e-9 * max(1.0, abs(z)):
-                break
-        if best is None or best[0] > SHIFT_TOLERANCE:
-            # no integer zero point within reach: a shift of the whole channel would bias every output by the
-            # same sign, so the channel's weights are rounded on an 8-bit grid of their own (zero-mean errors)
-            w = target[c]
-            lo_w, hi_w = min(w.min(), 0.0), max(w.max(), 0.0)
-            s = max((hi_w - lo_w) / (hi_c - lo_c), 1e-12)
-            z = int(np.clip(np.round(lo_c - lo_w / s), lo_c, hi_c))
-            out_c[c] = np.clip(np.round(w / s) + z, lo_c, hi_c)
-            scale[c], zp[c], multiple[c] = s, z, 0
-            continue
-        _, m, zm, o = best
+        sign = 1 if a[c] > 0 else -1
+        size = abs(a[c])
+        qs = sign * q[c]
+        q_lo, q_hi = (qmin, qmax) if sign > 0 else (-qmax, -qmin)
+        z_real = -b[c] / size
+        chosen = None
+        for m in range(m_max, 0, -1):   # the finest grid: an integer kernel's int32 bias is rounded to its step
+            zm = round(m * z_real)
+            if abs(zm - m * z_real) <= EXACT_STEPS * m:
+                o_lo, o_hi = max(m * q_hi - hi_c, zm - hi_c), min(m * q_lo - lo_c, zm - lo_c)
+                if o_lo <= o_hi:
+                    chosen = (m, zm, o_lo)
+                    break
+        if chosen is None:   # no exact integer zero point: the nearest one, and the rest as a shift
+            o_lo, o_hi = q_hi - hi_c, q_lo - lo_c
+            zm = int(np.clip(round(z_real), o_lo + lo_c, o_hi + hi_c))
+            chosen = (1, zm, max(o_lo, zm - hi_c))
+            shift[c] = b[c] + size * zm
+        m, zm, o = chosen
         out_c[c] = m * qs - o
         zp[c] = zm - o
-        scale[c] = a_abs[c] / m
+        scale[c] = size / m
         multiple[c] = m
     scale32 = scale.astype(np.float32)
-    got = scale32.astype(np.float64)[:, None] * (out_c - zp[:, None])
-    step = np.maximum(np.where(multiple > 0, a_abs, scale), 1e-30)[:, None]
+    got = scale32.astype(np.float64)[:, None] * (out_c - zp[:, None]) + shift.astype(np.float32)[:, None]
+    target = a[:, None] * q + b[:, None]
+    step = np.maximum(np.abs(a), 1e-30)[:, None]
     error_steps = float(np.max(np.abs(got - target) / step)) if q.size else 0.0
     return {"codes": out_c.reshape(codes.shape), "scale": scale32, "zero_point": zp, "multiple": multiple,
-            "max_error_steps": error_steps}
+            "shift": shift, "max_error_steps": error_steps}
 
 
 class _Builder:
@@ -210,6 +215,7 @@ class _Builder:
     def __init__(self) -> None:
         self.onnx = _onnx()
         self.nodes, self.inits, self._count, self._q_cache = [], [], 0, {}
+        self.grids: dict[str, _Grid] = {}   # DequantizeLinear outputs: the grid they hold
 
     def name(self, base: str) -> str:
         self._count += 1
@@ -222,7 +228,8 @@ class _Builder:
         if dtype is not None:   # int4: the helper packs the values
             self.inits.append(helper.make_tensor(name, dtype, array.shape, array.reshape(-1).tolist()))
         else:
-            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            # np.ascontiguousarray would make a 0-d scale 1-d: per-tensor terms must stay scalars
+            self.inits.append(numpy_helper.from_array(np.array(array, copy=True, order="C"), name))
         return name
 
     def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
@@ -233,7 +240,10 @@ class _Builder:
         return out
 
     def quantize(self, x: str, grid: _Grid, base: str) -> str:
-        """``x`` through its activation grid: Q → (Clip on the codes) → DQ; one chain per tensor and grid."""
+        """``x`` through its activation grid: Q → (Clip on the codes) → DQ; one chain per tensor and grid, none
+        for a tensor that already holds that grid's values."""
+        if x in self.grids and self.grids[x].key == grid.key:
+            return x
         key = (x, grid.key)
         if key not in self._q_cache:
             s = self.const(base + "_scale", np.array(grid.scale, dtype=np.float32))
@@ -244,6 +254,7 @@ class _Builder:
                 hi = self.const(base + "_qmax", np.array(grid.qmax, dtype=np.uint8))
                 q = self.node("Clip", [q, lo, hi], base + "_qclip")
             self._q_cache[key] = self.node("DequantizeLinear", [q, s, z], base + "_dq")
+            self.grids[self._q_cache[key]] = grid
         return self._q_cache[key]
 
 
@@ -288,6 +299,45 @@ def _consumer_grid(gm: fx.GraphModule, n: fx.Node) -> _Grid | None:
     return grids.pop() if len(grids) == 1 else None
 
 
+def _is_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _ADD
+
+
+def _requant_point(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    """Where the output of ``n`` is requantized: after the ReLU that is its only consumer (a finer grid,
+    and ONNX Runtime drops the ReLU into the quantization), else at ``n``."""
+    users = list(n.users)
+    return users[0] if len(users) == 1 and _is_relu(gm, users[0]) else n
+
+
+def _aligned_grid(grid: _Grid, lo: float, hi: float) -> _Grid | None:
+    """The finest 8-bit grid ``k`` times finer than ``grid`` (``k`` odd, zero points aligned) that covers
+    ``[lo, hi]``: a value rounded to it and then to ``grid`` lands where rounding it to ``grid`` directly
+    would (``round(round(k t) / k) == round(t)`` for odd ``k``), so the consumer sees what it would have."""
+    step = float(np.float32(grid.scale))
+    for k in range(255 // max(grid.qmax, 1) | 1, 0, -2):
+        fine = _Grid(step / k, grid.zero_point * k, 255)
+        if fine.zero_point <= 255 and fine.covers(lo, hi):
+            return fine
+    return None
+
+
+def _requant_grid(gm: fx.GraphModule, n: fx.Node, observer: "_Observer") -> _Grid:
+    """The 8-bit grid a requantized tensor gets: aligned with the one input grid of the layers that consume it
+    where such a grid covers the tensor's calibrated range (those layers then see exactly the values they
+    would have, and no second quantization runs before them), else the tensor's calibrated min/max."""
+    lo, hi = observer.ranges[n.name]
+    grids = {activation_grid(_quant_layer(gm, u)) for u in n.users
+             if _quant_layer(gm, u) is not None and isinstance(_quant_layer(gm, u), QUANT_LAYER_TYPES)
+             and u.args[0] is n}
+    if len(grids) == 1 and None not in grids:
+        aligned = _aligned_grid(grids.pop(), lo, hi)
+        if aligned is not None:
+            return aligned
+    scale, zp = minmax_scale_zero_point(torch.tensor(lo), torch.tensor(hi), 8)
+    return _Grid(float(scale), int(zp), 255)
+
+
 def _pads(padding, dims: int) -> list[int]:
     if isinstance(padding, str):
         if padding == "valid":
@@ -304,7 +354,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
     ``calib_data`` (a tensor, or batches of ``(x, y)`` or ``x``; default: ``example_input``) sets the ranges
     of the output requantizations ONNX Runtime's integer convolutions need (see the module docstring).
-    ``int4``: weights whose codes fit exactly in 4 bits are stored as ONNX ``INT4``. Returns a summary.
+    ``requantize=False`` leaves those out: every layer whose output is not quantized by its consumers then
+    runs as a float convolution, and the graph computes exactly what the PyTorch model does.
+    ``int4``: weights whose codes fit in 4 bits are stored as ONNX ``INT4``. Returns a summary.
     """
     onnx = _onnx()
     from onnx import TensorProto, helper
@@ -316,26 +368,38 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
                               f"linear layers (export it with --format packed)")
     gm = trace(model)
     fold = _fold_pairs(gm)
-    requant = set()
+    observer = _Observer(gm)
+    with torch.no_grad():
+        observer.run(example_input)
+        for batch in _batches(calib_data) if calib_data is not None and requantize else []:
+            observer.run(batch.to(example_input.device))
+
+    plans = {n.name: _plan_layer(gm, n, observer.bn.get(fold[n].name) if n in fold else None, int4)
+             for n in gm.graph.nodes if _quant_layer(gm, n) is not None}
+    # where an integer layer's output is not quantized by its consumers (a residual add), ONNX Runtime needs a
+    # QuantizeLinear after it to run it on integer kernels: planned here, residual adds are decided on the way
+    after: dict[str, _Grid] = {}
     if requantize:
         for n in gm.graph.nodes:
-            layer = _quant_layer(gm, n)
-            if layer is None or not isinstance(layer, QUANT_LAYER_TYPES):
-                continue
-            if layer.w_bits == FLOAT_BITS or layer.a_bits == FLOAT_BITS:
+            plan = plans.get(n.name)
+            if plan is None or not plan["integer"]:
                 continue
             out = fold.get(n, n)
             if _consumer_grid(gm, out) is None and any(u.op != "output" for u in out.users):
-                requant.add(out.name)
-    observer = _Observer(gm, requant)
-    with torch.no_grad():
-        observer.run(example_input)
-        for batch in _batches(calib_data) if calib_data is not None and requant else []:
-            observer.run(batch.to(example_input.device))
+                point = _requant_point(gm, out)
+                after[point.name] = _requant_grid(gm, point, observer)
+    for n in gm.graph.nodes:   # an integer convolution needs a quantized output (QGemm also gives float ones)
+        plan = plans.get(n.name)
+        if plan is not None and plan["integer"] and isinstance(plan["layer"], nn.Conv2d):
+            out = fold.get(n, n)
+            if _consumer_grid(gm, out) is None and _requant_point(gm, out).name not in after:
+                plan["integer"] = False
+                plan["info"]["kernel"] = "float"
 
     b = _Builder()
     names: dict[str, str] = {}
     report: dict[str, dict] = {}
+    requantized: list[str] = []
     graph_input = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -351,22 +415,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             out_shape = observer.shapes[result.name]
         elif n.op == "get_attr":
             raise ExportError(f"ONNX export does not support reading the model's attribute {n.target!r} in forward")
-        elif _quant_layer(gm, n) is not None:
-            bn_node = fold.get(n)
-            out = _emit_layer(b, gm, n, names[n.args[0].name], observer.bn.get(bn_node.name) if bn_node else None,
-                              int4, report)
-            final = bn_node or n
-            if final.name in requant:
-                lo, hi = observer.ranges[final.name]
-                scale, zp = minmax_scale_zero_point(torch.tensor(lo), torch.tensor(hi), 8)
-                out = b.quantize(out, _Grid(float(scale), int(zp), 255), n.target + "_out")
+        elif n.name in plans:
+            out = _emit_layer(b, gm, n, names[n.args[0].name], plans[n.name], report)
             names[n.name] = out
-            if bn_node is not None:
-                names[bn_node.name] = out
+            if n in fold:
+                names[fold[n].name] = out
         elif n.name in names:   # a BatchNorm folded into its layer
             continue
         else:
             names[n.name] = _emit_op(b, gm, n, names, observer)
+            if requantize and _is_add(n) and len(n.args) == 2 and \
+                    all(isinstance(a, fx.Node) and names[a.name] in b.grids for a in n.args):
+                # a residual add of quantized tensors: its output quantized too, so that ONNX Runtime adds integers
+                point = _requant_point(gm, n)
+                after[point.name] = _requant_grid(gm, point, observer)
+        for done in (n, fold.get(n)):
+            if done is not None and done.name in after:
+                names[done.name] = b.quantize(names[done.name], after[done.name], done.name + "_requant")
+                requantized.append(done.name)
 
     if graph_input is None:
         raise ExportError("the traced model has no input")
@@ -391,11 +457,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
         "sha256": hashlib.sha256(data).hexdigest(), "input_shape": list(example_input.shape[1:]),
         "model": {k: v for k, v in (getattr(model, "anybit_meta", {}) or {}).items()
                   if k in ("arch", "arch_kwargs", "quant_spec")},
-        "requantized": sorted(requant), "layers": report, "metadata": metadata or {},
+        "requantized": requantized, "layers": report, "metadata": metadata or {},
     }
     _atomic_write(directory / ONNX_FILE, lambda tmp: Path(tmp).write_bytes(data))
     _atomic_write(directory / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
-    return {"file_bytes": len(data), "requantized": len(requant), "layers": report}
+    return {"file_bytes": len(data), "requantized": len(requantized), "layers": report}
 
 
 def _batches(data):
@@ -424,11 +490,16 @@ def _is_bn_1d(m: nn.Module) -> bool:
     return isinstance(m, nn.BatchNorm1d)
 
 
-def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, bn, int4: bool, report: dict) -> str:
+def _plan_layer(gm: fx.GraphModule, n: fx.Node, bn, int4: bool) -> dict:
+    """How a (quantizable or plain) convolution or linear layer is written: its input grid, its weight as
+    integer codes (with the BatchNorm after it folded in) or floats, its bias, and whether ONNX Runtime can
+    run it on integer kernels (a quantized input, and integer weights without a shift)."""
     from onnx import TensorProto
 
     layer = _quant_layer(gm, n)
     name = n.target
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        raise ExportError(f"layer {name!r}: padding_mode {layer.padding_mode!r} is not exported")
     quantized = isinstance(layer, QUANT_LAYER_TYPES)
     w_bits = layer.w_bits if quantized else FLOAT_BITS
     grid = activation_grid(layer) if quantized else None
@@ -443,35 +514,54 @@ def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, bn, int4: b
         beta = module.bias.detach().to(torch.float64).numpy() if module.bias is not None else np.zeros(channels)
         factor = gamma * inv
         bias = (bias - mean.to(torch.float64).numpy()) * factor + beta
+    plan = {"layer": layer, "grid": grid, "bias": bias, "rep": None, "dtype": None,
+            "info": {"w_bits": w_bits, "a_bits": layer.a_bits if quantized else FLOAT_BITS}}
+    if w_bits == FLOAT_BITS:
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        plan["float_weight"] = weight.numpy() * factor.reshape(shape)
+        plan["integer"] = False
+        plan["info"]["kernel"] = "float"
+        return plan
+    codes = weight_codes(layer, "weight", w_bits, where=f"layer {name!r}")
+    a, c0 = (t.numpy() for t in codes.channel_affine())
+    a, c0 = a * factor, c0 * factor
+    rep = None
+    if int4 and codes.qmax - codes.qmin <= 15:
+        rep = integer_weights(codes.codes, codes.qmin, codes.qmax, a, c0, (-8, 7))
+        plan["dtype"] = TensorProto.INT4
+    rep = rep or integer_weights(codes.codes, codes.qmin, codes.qmax, a, c0)
+    if rep["max_error_steps"] > 1e-3:
+        raise ExportError(f"internal error: layer {name!r}'s integer weights differ from its weights by "
+                          f"{rep['max_error_steps']:.3g} of a step; please report it")
+    shifted = bool(np.any(rep["shift"] != 0))
+    plan["rep"] = rep
+    plan["integer"] = grid is not None and not shifted and plan["dtype"] is None
+    plan["info"].update({"weight_type": "int4" if plan["dtype"] is not None else "int8", "weight_shift": shifted,
+                         "kernel": "integer" if plan["integer"] else "float",
+                         "max_weight_error_steps": rep["max_error_steps"], "multiple": int(rep["multiple"].max())})
+    return plan
 
+
+def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, plan: dict, report: dict) -> str:
+    """The layer's nodes: input quantization, weight (DequantizeLinear of integer codes, plus the per-channel
+    shift ``r`` weight bias correction leaves), bias, and the convolution or Gemm."""
+    layer, grid, bias, rep = plan["layer"], plan["grid"], plan["bias"], plan["rep"]
+    name = n.target
     if grid is not None:
         x = b.quantize(x, grid, name + "_in")
-    elif quantized and not layer.runs_float_forward and getattr(layer.input_quant, "clip_float", False) \
+    elif isinstance(layer, QUANT_LAYER_TYPES) and not layer.runs_float_forward \
+            and getattr(layer.input_quant, "clip_float", False) \
             and (layer.input_quant.mode == "fixed" or bool(layer.input_quant.initialized)):
         lo = b.const(name + "_clip_lo", np.array(float(layer.input_quant.lo), dtype=np.float32))
         hi = b.const(name + "_clip_hi", np.array(float(layer.input_quant.hi), dtype=np.float32))
         x = b.node("Clip", [x, lo, hi], name + "_clip")
 
-    info: dict = {"w_bits": w_bits, "a_bits": layer.a_bits if quantized else FLOAT_BITS}
-    if w_bits != FLOAT_BITS:
-        codes = weight_codes(layer, "weight", w_bits, where=f"layer {name!r}")
-        a, c0 = (t.numpy() for t in codes.channel_affine())
-        a, c0 = a * factor, c0 * factor
-        rep = None
-        if int4:
-            rep = int_weights(codes.codes, codes.qmin, codes.qmax, a, c0, (-8, 7))
-            if rep["max_error_steps"] > 1e-4 or (rep["multiple"] == 0).any():
-                rep = None
-        dtype = TensorProto.INT4 if rep is not None else None
-        rep = rep or int_weights(codes.codes, codes.qmin, codes.qmax, a, c0)
-        w_q = b.const(name + "_w", rep["codes"].astype(np.int8), dtype)
+    if rep is not None:
+        w_q = b.const(name + "_w", rep["codes"].astype(np.int8), plan["dtype"])
         w_s = b.const(name + "_w_scale", rep["scale"])
-        w_z = b.const(name + "_w_zp", rep["zero_point"].astype(np.int8), dtype)
+        w_z = b.const(name + "_w_zp", rep["zero_point"].astype(np.int8), plan["dtype"])
         w = b.node("DequantizeLinear", [w_q, w_s, w_z], name + "_w_dq", axis=0)
-        info.update({"weight_type": "int4" if dtype is not None else "int8",
-                     "max_weight_error_steps": rep["max_error_steps"],
-                     "exact": rep["max_error_steps"] <= 1e-4, "multiple": int(rep["multiple"].max())})
-        if grid is not None:
+        if plan["integer"]:   # ONNX Runtime's integer kernels take an int32 bias on the accumulator's scale
             bias_scale = (np.float32(grid.scale) * rep["scale"]).astype(np.float32)
             q_bias = np.round(bias / bias_scale.astype(np.float64))
             bq = b.const(name + "_b", np.clip(q_bias, -2**31, 2**31 - 1).astype(np.int32))
@@ -480,17 +570,17 @@ def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, bn, int4: b
         else:
             bias_name = b.const(name + "_b", bias.astype(np.float32))
     else:
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        w = b.const(name + "_w", (weight.numpy() * factor.reshape(shape)).astype(np.float32))
+        w = b.const(name + "_w", plan["float_weight"].astype(np.float32))
         bias_name = b.const(name + "_b", bias.astype(np.float32))
-    report[name] = info
+    report[name] = plan["info"]
 
+    if rep is not None and plan["info"]["weight_shift"]:   # weight bias correction: W = s * (c - z) + r, exactly
+        shape = (-1,) + (1,) * (rep["codes"].ndim - 1)
+        shift = b.const(name + "_w_shift", rep["shift"].astype(np.float32).reshape(shape))
+        w = b.node("Add", [w, shift], name + "_w_plus_shift")
     if isinstance(layer, nn.Conv2d):
-        if layer.padding_mode != "zeros":
-            raise ExportError(f"layer {name!r}: padding_mode {layer.padding_mode!r} is not exported")
-        return b.node("Conv", [x, w, bias_name], name, kernel_shape=list(layer.kernel_size),
-                      strides=list(layer.stride), pads=_pads(layer.padding, 2), dilations=list(layer.dilation),
-                      group=layer.groups)
+        return b.node("Conv", [x, w, bias_name], name, kernel_shape=list(layer.kernel_size), group=layer.groups,
+                      strides=list(layer.stride), pads=_pads(layer.padding, 2), dilations=list(layer.dilation))
     return b.node("Gemm", [x, w, bias_name], name, transB=1)
 
 
@@ -612,9 +702,12 @@ class OnnxSession:
         return torch.from_numpy(self.run(x.detach().cpu().numpy()))
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None) -> OnnxSession:
+def onnx_session(path: str | os.PathLike, threads: int | None = None,
+                 config: dict[str, str] | None = None) -> OnnxSession:
     """Open an exported ONNX file (its directory or the file) in ONNX Runtime with all graph optimisations
-    (the QDQ fusions into integer kernels); ``threads``: intra-op threads (default: ONNX Runtime's).
+    (the QDQ fusions into integer kernels; switched off when the sidecar lists no layer that runs on them,
+    so that the weights are dequantized once); ``threads``: intra-op threads (default: ONNX Runtime's);
+    ``config``: further session configuration entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``).
     A file whose checksum does not match its sidecar, or that ONNX Runtime cannot read, is an
     :class:`ExportFileError`."""
     import onnxruntime as ort
@@ -628,9 +721,16 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> OnnxSes
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    layers = sidecar.get("layers", {})
+    if layers and not any(isinstance(v, dict) and v.get("kernel") == "integer" for v in layers.values()):
+        # nothing runs on integer kernels (weight bias correction throughout): without the QDQ fusions ONNX
+        # Runtime dequantizes the weights once, at load, and runs its fastest float convolutions
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -641,9 +741,10 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> OnnxSes
 
 @torch.no_grad()
 def with_onnx_weights(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (at its precision) whose quantized weights are the ones the ONNX export writes
-    (the int8 representation, before BatchNorm folding), frozen: its accuracy against ``model``'s measures
-    what rounding the weight bias correction shift to the int8 grid changes, nothing else."""
+    """A copy of ``model`` (at its precision) whose quantized weights are rebuilt from what the ONNX export
+    writes (int8 codes, per-channel scale and zero point, and the shift of weight bias correction; before
+    BatchNorm folding), frozen: its accuracy against ``model``'s measures what the representation changes
+    (float rounding only)."""
     import copy
 
     from ..quant import quant_layers
@@ -654,9 +755,10 @@ def with_onnx_weights(model: nn.Module) -> nn.Module:
             continue
         codes = weight_codes(layer, "weight", layer.w_bits, where=f"layer {name!r}")
         a, b = (t.numpy() for t in codes.channel_affine())
-        rep = int_weights(codes.codes, codes.qmin, codes.qmax, a, b)
+        rep = integer_weights(codes.codes, codes.qmin, codes.qmax, a, b)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        w = rep["scale"].astype(np.float64).reshape(shape) * (rep["codes"] - rep["zero_point"].reshape(shape))
+        w = rep["scale"].astype(np.float64).reshape(shape) * (rep["codes"] - rep["zero_point"].reshape(shape)) \
+            + rep["shift"].astype(np.float32).astype(np.float64).reshape(shape)
         layer.weight.data = torch.from_numpy(w).to(layer.weight.dtype)
         layer.frozen_bits = layer.w_bits
     return twin
