@@ -96,6 +96,33 @@ def test_packed_model_equals_the_fake_quantized_model(tmp_path, name):
         _out(loaded, x)
 
 
+def test_packed_export_folds_batchnorms_and_stores_only_what_the_precision_needs(tmp_path, monkeypatch):
+    from anybit.export import packed
+
+    model, x = _model(SPECS["emqnet"])
+    anybit.export(model, tmp_path / "w4", bits=4, example_input=x[:2])
+    sidecar, tensors = anybit.export.read_packed(tmp_path / "w4")
+    # one statistics set per BatchNorm at one precision: folded into two terms per channel
+    assert sidecar["packed"]["folded_bn"] and not any("running_" in k for k in tensors)
+    # weight bias correction: the float weight's mean and std per channel, the rest follows from the codes
+    assert not any("mean_q" in k or "gain" in k for k in tensors) and any("wbc_std_w" in k for k in tensors)
+    assert torch.equal(_out(anybit.load(tmp_path / "w4").eval(), x), _out(model, x, 4))
+    # should a BatchNorm kernel compute its terms otherwise, the export keeps the statistics and stays exact
+    monkeypatch.setattr(packed, "_folded_terms", lambda mean, var, w, b, eps, dims: (w.clone() * 1.001, b.clone()))
+    anybit.export(model, tmp_path / "kept", bits=4, example_input=x[:2])
+    sidecar, tensors = anybit.export.read_packed(tmp_path / "kept")
+    assert not sidecar["packed"]["folded_bn"] and any("running_mean_4" in k for k in tensors)
+    assert torch.equal(_out(anybit.load(tmp_path / "kept").eval(), x), _out(model, x, 4))
+
+
+def test_packed_symmetric_grids_store_no_zero_points(tmp_path):
+    model, x = _model(SPECS["symmetric"])
+    anybit.export(model, tmp_path / "w4", bits=4, example_input=x[:2])
+    _, tensors = anybit.export.read_packed(tmp_path / "w4")
+    assert any(k.endswith(".scale") for k in tensors) and not any(k.endswith(".zero_point") for k in tensors)
+    assert not any(k.endswith("num_batches_tracked") for k in tensors)
+
+
 def test_packed_bit_map_and_ptq_grids(tmp_path):
     model, x = _model(SPECS["symmetric"])
     layers = list(anybit.quant.quant_layers(model))

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quant import FLOAT_BITS, QuantMultiheadAttention, apply_wbc, wbc_terms, weight_bias_correction
+from ..quant import FLOAT_BITS, QuantMultiheadAttention, apply_wbc, weight_bias_correction
+from ..quant.functional import wbc_terms_from_stats
 from ..quant.functional import _amax, _mean_abs, _reduce, minmax_scale_zero_point
 from ..quant.quantizers import _shape_like
 from .errors import ExportError
@@ -43,6 +44,14 @@ class WeightCodes:
     qmax: int
     params: dict[str, torch.Tensor]         # affine: scale, zero_point; dorefa and binary: scale
     wbc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (mean_q, gain, mean_w) per channel
+    wbc_stats: tuple[torch.Tensor, torch.Tensor] | None = None   # (mean_w, std_w): what the terms follow from
+
+    def with_wbc_stats(self, mean_w: torch.Tensor, std_w: torch.Tensor) -> "WeightCodes":
+        """Weight bias correction's terms from the float weight's per-channel mean and std and the codes
+        (the quantized weight's own mean and std), by the same operations as the layer."""
+        self.wbc_stats = (mean_w, std_w)
+        self.wbc = wbc_terms_from_stats(self.base(), mean_w, std_w)
+        return self
 
     def base(self) -> torch.Tensor:
         """The quantizer's output (before weight bias correction), by its own float operations."""
@@ -140,7 +149,8 @@ def weight_codes(layer: nn.Module, name: str, bits: int, where: str = "layer") -
     codes = _base_codes(layer.weight_quant, w, bits)
     expected = layer.weight_quant(w, bits)
     if layer.wbc:
-        codes.wbc = tuple(t.detach() for t in wbc_terms(w, expected, detach=True))
+        flat = w.reshape(w.shape[0], -1)
+        codes.with_wbc_stats(flat.mean(dim=1), flat.std(dim=1, unbiased=False))
         expected = weight_bias_correction(w, expected, detach=True)
     got = codes.dequantize()
     if not torch.equal(got, expected):

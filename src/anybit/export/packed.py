@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import (
     CheckpointError,
@@ -161,13 +163,20 @@ class _Writer:
         return {"key": self.put(f"{prefix}@{name}", t.reshape(-1)), "shape": list(t.shape)}
 
 
+def _is_zero(t: torch.Tensor) -> bool:
+    """All +0.0 (a symmetric grid's zero points): nothing to store."""
+    return bool((t == 0).all()) and not bool(torch.signbit(t).any())
+
+
 def _codes_entry(w: _Writer, prefix: str, codes: WeightCodes) -> dict:
     entry = {"kind": codes.kind, "qmin": codes.qmin, "qmax": codes.qmax, "params": {}}
     for name, t in codes.params.items():
-        entry["params"][name] = w.put_param(prefix, f"b{codes.bits}.{name}", t)
-    if codes.wbc is not None:
-        entry["wbc"] = {n: w.put_param(prefix, f"b{codes.bits}.wbc_{n}", t)
-                        for n, t in zip(("mean_q", "gain", "mean_w"), codes.wbc)}
+        if name == "zero_point" and _is_zero(t):
+            entry["params"][name] = {"zeros": list(t.shape)}
+        else:
+            entry["params"][name] = w.put_param(prefix, f"b{codes.bits}.{name}", t)
+    if codes.wbc_stats is not None:   # the quantized weight's mean and std (and so the gain) follow from the codes
+        entry["wbc"] = {n: w.put_param(prefix, f"wbc_{n}", t) for n, t in zip(("mean_w", "std_w"), codes.wbc_stats)}
     return entry
 
 
@@ -176,7 +185,7 @@ def _layer_bits(precisions: list[dict[str, tuple[int, int]]], name: str) -> list
 
 
 def _build_state(model: nn.Module, precisions: list[Precision], example_input: torch.Tensor,
-                 representation: str) -> tuple[dict[str, torch.Tensor], dict]:
+                 representation: str, fold_bn: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and sidecar description of a packed export of ``model`` at ``precisions``."""
     layers = quant_layers(model)
     maps, bn_keys, switch_active = [], {}, []
@@ -216,6 +225,8 @@ def _build_state(model: nn.Module, precisions: list[Precision], example_input: t
                     mean, var = module.statistics(wb, ab)
                     state[f"{name}.running_mean_{key}"] = mean.detach().clone()
                     state[f"{name}.running_var_{key}"] = var.detach().clone()
+
+    folded = _fold_batchnorms(model, state, drop, bn_keys) if representation == "codes" and fold_bn else {}
 
     for lname, layer in layers.items():
         layer_info = {"weights": {}}
@@ -261,8 +272,78 @@ def _build_state(model: nn.Module, precisions: list[Precision], example_input: t
                         "layers": {n: list(pair) for n, pair in m.items() if not isinstance(p, int) or pair != (p, p)},
                         "switchable_bn": active}
                        for p, m, active in zip(precisions, maps, switch_active)],
+        "folded_bn": folded,
     }
     return tensors, description
+
+
+def _folded_terms(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                  dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(alpha, beta)`` PyTorch's BatchNorm computes in eval mode (``out = x * alpha + beta``),
+    read off its own kernel: ``alpha`` at ``x = 1`` with mean and bias 0, ``beta`` at ``x = 0``."""
+    shape = (1, mean.numel()) + (1,) * (dims - 2)
+    with torch.no_grad():
+        alpha = F.batch_norm(torch.ones(shape), torch.zeros_like(mean), var, weight, torch.zeros_like(bias),
+                             False, 0.0, eps)
+        beta = F.batch_norm(torch.zeros(shape), mean, var, weight, bias, False, 0.0, eps)
+    return alpha.reshape(-1).clone(), beta.reshape(-1).clone()
+
+
+def _fold_batchnorms(model: nn.Module, state: dict[str, torch.Tensor], drop: set[str],
+                     bn_keys: dict[str, set[str]]) -> dict[str, str | None]:
+    """BatchNorms that run with one set of statistics keep two terms per channel instead of four: the
+    ``alpha`` and ``beta`` of ``x * alpha + beta``, as the affine terms, with mean 0, variance 1 and eps 0
+    (then PyTorch's BatchNorm computes exactly ``alpha`` and ``beta`` again). Returns ``{name: key}`` (the
+    statistics key of a per-precision or switchable BatchNorm, ``None`` for a plain one)."""
+    folded: dict[str, str | None] = {}
+    inside_switchable = {id(bn) for m in model.modules() if isinstance(m, SwitchableBatchNorm) for bn in m.bns.values()}
+    for name, m in model.named_modules():
+        if id(m) in inside_switchable:
+            continue
+        if isinstance(m, SwitchableBatchNorm):
+            keys = bn_keys.get(name, set())
+            if len(keys) != 1:
+                continue
+            key = keys.pop()
+            keys.add(key)
+            targets = [(f"{name}.bns.{key}", m.bns[key], "running_mean", "running_var", key)]
+        elif isinstance(m, PRECISION_BN_TYPES):
+            keys = bn_keys.get(name, set())
+            if len(keys) != 1:
+                continue
+            key = next(iter(keys))
+            targets = [(name, m, f"running_mean_{key}", f"running_var_{key}", key)]
+        elif isinstance(m, _BatchNorm) and m.track_running_stats:
+            drop.add(f"{name}.num_batches_tracked")
+            targets = [(name, m, "running_mean", "running_var", None)]
+        else:
+            continue
+        for prefix, bn, mean_name, var_name, key in targets:
+            if bn.weight is None or bn.bias is None or f"{prefix}.{mean_name}" not in state:
+                continue
+            dims = 2 if isinstance(bn, nn.BatchNorm1d) else 4
+            alpha, beta = _folded_terms(state[f"{prefix}.{mean_name}"], state[f"{prefix}.{var_name}"],
+                                        bn.weight.detach(), bn.bias.detach(), bn.eps, dims)
+            state[f"{prefix}.weight"], state[f"{prefix}.bias"] = alpha, beta
+            drop.update({f"{prefix}.{mean_name}", f"{prefix}.{var_name}"})
+            folded[name] = key
+    return folded
+
+
+def _unfold_batchnorms(model: nn.Module, state: dict[str, torch.Tensor], folded: dict[str, str | None]) -> None:
+    """Mean 0, variance 1 and eps 0 for the BatchNorms :func:`_fold_batchnorms` folded."""
+    for name, key in folded.items():
+        m = model.get_submodule(name)
+        if isinstance(m, SwitchableBatchNorm):
+            prefix, bn, mean_name, var_name = f"{name}.bns.{key}", m.bns[key], "running_mean", "running_var"
+        elif isinstance(m, PRECISION_BN_TYPES):
+            prefix, bn, mean_name, var_name = name, m, f"running_mean_{key}", f"running_var_{key}"
+        else:
+            prefix, bn, mean_name, var_name = name, m, "running_mean", "running_var"
+        like = state[f"{prefix}.weight"]
+        state[f"{prefix}.{mean_name}"] = torch.zeros_like(like)
+        state[f"{prefix}.{var_name}"] = torch.ones_like(like)
+        bn.eps = 0.0
 
 
 def _parse_stats_key(key: str) -> tuple[int, int]:
@@ -273,12 +354,15 @@ def _parse_stats_key(key: str) -> tuple[int, int]:
 
 
 LAYOUT = "__layout__"
+DEFLATED = "@planes"
 SMALL = 4096   # tensors up to this many elements share one flat tensor per dtype (each costs a header entry)
 
 
-def _bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Small tensors concatenated into one flat tensor per dtype; the index says where each one lies."""
-    out, index, parts = {}, {}, {}
+def _bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Small tensors concatenated into one flat tensor per dtype; the index says where each one lies. The
+    float ones (grid terms, BatchNorms, biases) are stored deflated by byte planes where that is smaller
+    (lossless); packed codes stay as they are."""
+    out, index, parts, deflated = {}, {}, {}, {}
     for key, t in tensors.items():
         if t.numel() > SMALL:
             out[key] = t
@@ -289,14 +373,23 @@ def _bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         chunks.append(t.reshape(-1))
         index[key] = [dtype, offset, list(t.shape)]
     for dtype, chunks in parts.items():
-        out[f"__small__.{dtype}"] = torch.cat(chunks)
-    return out, index
+        flat = torch.cat(chunks)
+        packed = _deflate_floats(flat) if dtype == "float32" else None
+        if packed is not None and packed.numel() < flat.numel() * flat.element_size():
+            out[f"__small__.{dtype}{DEFLATED}"] = packed
+            deflated[dtype] = flat.numel()
+        else:
+            out[f"__small__.{dtype}"] = flat
+    return out, index, deflated
 
 
-def _unbundle(tensors: dict[str, torch.Tensor], index: dict) -> dict[str, torch.Tensor]:
+def _unbundle(tensors: dict[str, torch.Tensor], index: dict, deflated: dict) -> dict[str, torch.Tensor]:
     out = {k: v for k, v in tensors.items() if not k.startswith("__small__.")}
+    flats = {k.removeprefix("__small__."): v for k, v in tensors.items() if k.startswith("__small__.")}
+    for dtype, count in deflated.items():
+        flats[dtype] = _inflate_floats(flats.pop(dtype + DEFLATED), [count])
     for key, (dtype, offset, shape) in index.items():
-        flat = tensors[f"__small__.{dtype}"]
+        flat = flats[dtype]
         count = int(np.prod(shape)) if shape else 1
         if offset + count > flat.numel():
             raise ValueError(f"tensor {key!r} lies outside the bundle of small {dtype} tensors")
@@ -321,11 +414,15 @@ def _codes_from(entry: dict, item: dict, bits: int, tensors: dict[str, torch.Ten
         raise ValueError(f"{where}: codes outside their {bits}-bit grid")
 
     def param(d: dict) -> torch.Tensor:
+        if "zeros" in d:
+            return torch.zeros(d["zeros"])
         return tensors[d["key"]].reshape(d["shape"])
 
     params = {n: param(d) for n, d in item["params"].items()}
-    wbc = tuple(param(item["wbc"][n]) for n in ("mean_q", "gain", "mean_w")) if "wbc" in item else None
-    return WeightCodes(bits, item["kind"], (u + item["qmin"]).reshape(shape), item["qmin"], item["qmax"], params, wbc)
+    codes = WeightCodes(bits, item["kind"], (u + item["qmin"]).reshape(shape), item["qmin"], item["qmax"], params)
+    if "wbc" in item:
+        codes.with_wbc_stats(param(item["wbc"]["mean_w"]), param(item["wbc"]["std_w"]))
+    return codes
 
 
 def _pair_of(chosen: dict, name: str) -> tuple[int, int]:
@@ -393,7 +490,11 @@ def apply_packed(model: nn.Module, tensors: dict[str, torch.Tensor], sidecar: di
         state.pop(k, None)
 
     if representation == "codes":
+        _unfold_batchnorms(model, state, description.get("folded_bn", {}))
         _keep_only_stored_statistics(model, state)
+        for name, m in model.named_modules():   # not stored: an eval-mode BatchNorm does not use it
+            if isinstance(m, _BatchNorm) and m._buffers.get("num_batches_tracked") is not None:
+                state.setdefault(f"{name}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
         for layer in layers.values():
             layer.weight_quant.clear_ranges()
     expected = model.state_dict()
@@ -478,7 +579,8 @@ def read_packed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         raw = load_bytes(data)
         layout = json.loads(zlib.decompress(raw.pop(LAYOUT).numpy().tobytes()))
         sidecar["packed"]["layers"] = layout["layers"]
-        tensors = _unbundle(raw, layout["small"])
+        sidecar["packed"]["folded_bn"] = layout.get("folded_bn", {})
+        tensors = _unbundle(raw, layout["small"], layout.get("deflated", {}))
     except (SafetensorError, ValueError, KeyError, TypeError, zlib.error) as e:
         raise ExportFileError(f"{tensors_path} could not be read as safetensors ({e}); the export is corrupt") from e
     return sidecar, tensors
@@ -518,33 +620,50 @@ def write_packed(model: nn.Module, path: str | os.PathLike, precisions: list[Pre
     representation = "float" if len(precisions) > 1 and FLOAT_BITS in uniform else "codes"
     saved_precision = get_precision(model)
     saved_active = {n: m.active for n, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)}
+
+    def restore() -> None:
+        for name, pair in saved_precision.items():
+            quant_layers(model)[name].set_bits(*pair)
+        for name, active in saved_active.items():
+            model.get_submodule(name).active = active
+
     try:
         with torch.no_grad():
             expected = []
             for p in precisions:
                 set_precision(model, p)
                 expected.append(model(example_input))
-            tensors, description = _build_state(model, precisions, example_input, representation)
     finally:
-        for name, pair in saved_precision.items():
-            quant_layers(model)[name].set_bits(*pair)
-        for name, active in saved_active.items():
-            model.get_submodule(name).active = active
-
+        restore()
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": {k: v for k, v in (getattr(model, "anybit_meta", {}) or {}).items()
                   if k in ("arch", "arch_kwargs", "quant_spec")},
-        "packed": description,
         "metadata": metadata or {},
     }
-    _verify(model, tensors, {**sidecar, "packed": description}, precisions, expected, example_input)
-    bundled, small = _bundle(tensors)
-    # the layout (every weight's grids and every tensor's place) is machine-readable detail: deflated JSON
-    layout = json.dumps({"layers": description["layers"], "small": small}, separators=(",", ":")).encode()
+    # folded BatchNorms reproduce PyTorch's own per-channel terms; should a kernel compute them differently,
+    # the check below finds it and the export keeps the four statistics of every BatchNorm instead
+    for fold_bn in (True, False):
+        try:
+            with torch.no_grad():
+                tensors, description = _build_state(model, precisions, example_input, representation, fold_bn)
+        finally:
+            restore()
+        sidecar["packed"] = description
+        diff = _verify(model, tensors, sidecar, precisions, expected, example_input)
+        if diff is None or not description["folded_bn"]:
+            break
+    if diff is not None:
+        raise ExportError(f"internal error: the packed {diff[0]} model differs from the fake-quantized one (largest "
+                          f"difference {diff[1]:.3g}); nothing was written. Please report it")
+    bundled, small, deflated = _bundle(tensors)
+    # the layout (every weight's grids, the folded BatchNorms, every tensor's place) is machine-readable detail:
+    # deflated JSON inside the tensors file
+    layout = json.dumps({"layers": description["layers"], "folded_bn": description["folded_bn"], "small": small,
+                         "deflated": deflated}, separators=(",", ":")).encode()
     bundled[LAYOUT] = torch.from_numpy(np.frombuffer(zlib.compress(layout, 9), dtype=np.uint8).copy())
-    sidecar["packed"] = {k: v for k, v in description.items() if k != "layers"}
+    sidecar["packed"] = {k: v for k, v in description.items() if k not in ("layers", "folded_bn")}
     data = save_bytes(bundled, metadata={"format": FORMAT})
     sidecar["sha256"] = _sha256(data)
     text = json.dumps(sidecar, separators=(",", ":")) + "\n"
@@ -554,7 +673,9 @@ def write_packed(model: nn.Module, path: str | os.PathLike, precisions: list[Pre
     return export_sizes(model, tensors, description, len(data) + len(text.encode()))
 
 
-def _verify(model, tensors, sidecar, precisions, expected, example_input) -> None:
+def _verify(model, tensors, sidecar, precisions, expected, example_input) -> tuple[str, float] | None:
+    """``None`` if the export loads back into a model whose outputs on ``example_input`` equal the
+    fake-quantized model's at every precision, else the first precision that differs and by how much."""
     for p, want in zip(precisions, expected):
         copy_ = copy.deepcopy(model)
         apply_packed(copy_, tensors, sidecar, p if isinstance(p, int) and len(precisions) > 1 else None,
@@ -562,9 +683,8 @@ def _verify(model, tensors, sidecar, precisions, expected, example_input) -> Non
         with torch.no_grad():
             got = copy_(example_input)
         if not torch.equal(got, want):
-            diff = (got - want).abs().max().item()
-            raise ExportError(f"internal error: the packed {_precision_label(p)} model differs from the fake-quantized "
-                              f"one (largest difference {diff:.3g}); nothing was written. Please report it")
+            return _precision_label(p), (got - want).abs().max().item()
+    return None
 
 
 def export_sizes(model: nn.Module, tensors: dict[str, torch.Tensor], description: dict, file_bytes: int) -> dict:

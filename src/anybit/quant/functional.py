@@ -163,15 +163,20 @@ def wbc_terms(w: torch.Tensor, w_q: torch.Tensor, detach: bool = True,
               eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per output channel ``(mean(Q(W)_c), std(W_c) / std(Q(W)_c), mean(W_c))``: the affine map weight
     bias correction applies to the channel's quantized values (:func:`apply_wbc`)."""
-    flat_q = w_q.reshape(w_q.shape[0], -1)
     flat_w = w.reshape(w.shape[0], -1)
     if detach:
         flat_w = flat_w.detach()
+    return wbc_terms_from_stats(w_q, flat_w.mean(dim=1), flat_w.std(dim=1, unbiased=False), detach, eps)
+
+
+def wbc_terms_from_stats(w_q: torch.Tensor, mean_w: torch.Tensor, std_w: torch.Tensor, detach: bool = True,
+                         eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`wbc_terms` from the float weight's per-channel mean and std (all a packed export stores: the
+    quantized weight's statistics follow from its codes)."""
+    flat_q = w_q.reshape(w_q.shape[0], -1)
     stats_q = flat_q.detach() if detach else flat_q
     mean_q = stats_q.mean(dim=1)
     std_q = stats_q.std(dim=1, unbiased=False)
-    mean_w = flat_w.mean(dim=1)
-    std_w = flat_w.std(dim=1, unbiased=False)
     gain = torch.where(std_q > eps, std_w / std_q.clamp_min(eps), torch.zeros_like(std_q))
     return mean_q, gain, mean_w
 
