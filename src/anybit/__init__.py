@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "data", "evaluation", "mixed", "models", "ptq", "quant", "report", "train")
+_SUBMODULES = ("checkpoint", "data", "evaluation", "export", "mixed", "models", "ptq", "quant", "report", "train")
 _EXPORTS = {
     "CheckpointError": "checkpoint", "load": "checkpoint", "read_metadata": "checkpoint", "save": "checkpoint",
     "BitsError": "quant", "LayerInfo": "quant", "QuantSpec": "quant", "calibrate_activations": "quant",
@@ -24,7 +24,7 @@ _EXPORTS = {
 
 __all__ = [
     "BitsError", "CheckpointError", "LayerInfo", "QuantSpec", "__version__", "calibrate_activations",
-    "conversion_report", "convert", "data", "get_precision", "load", "mixed", "models", "ptq", "quant", "train",
+    "conversion_report", "convert", "data", "export", "get_precision", "load", "mixed", "models", "ptq", "quant", "train",
     "precision", "quantizable_layers", "read_metadata", "save", "set_precision",
 ]
 

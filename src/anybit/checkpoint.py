@@ -144,9 +144,35 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     return tensors_path
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON sidecar of a checkpoint, validated, without loading any tensor."""
+PACKED_FORMAT = "anybit-packed"   # anybit.export's packed files (read by anybit.export.packed)
+ONNX_FORMAT = "anybit-onnx"
+
+
+def sidecar_format(path: str | os.PathLike) -> str | None:
+    """The ``"format"`` of the JSON sidecar at ``path`` (a checkpoint, packed or ONNX export), if readable."""
+    _, sidecar_path = checkpoint_paths(path)
+    try:
+        data = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def read_metadata(path: str | os.PathLike, packed: bool = False) -> dict:
+    """The JSON sidecar of a checkpoint, validated, without loading any tensor. With ``packed`` the sidecar
+    of a packed export (``anybit export``) is accepted too; otherwise it is refused with a message."""
     tensors_path, sidecar_path = checkpoint_paths(path)
+    kind = sidecar_format(path)
+    if kind == ONNX_FORMAT:
+        raise CheckpointError(f"{path} holds an ONNX export (anybit export --format onnx): evaluate it with "
+                              f"anybit eval {path} --onnx, or run it with anybit.export.onnx_session")
+    if kind == PACKED_FORMAT:
+        if not packed:
+            raise CheckpointError(f"{path} is a packed export (anybit export), frozen at the precision it was "
+                                  f"exported at; this command needs the checkpoint it was exported from")
+        from .export.packed import read_packed_sidecar
+
+        return read_packed_sidecar(path)
     if not tensors_path.is_file() or not sidecar_path.is_file():
         missing = [str(p) for p in (tensors_path, sidecar_path) if not p.is_file()]
         raise CheckpointNotFoundError(
@@ -233,13 +259,20 @@ def _check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
         raise CheckpointError(f"{what}: {len(shapes)} tensors differ in shape (e.g. {'; '.join(shapes[:3])})")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint written by :func:`save`.
+def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu",
+         bits: int | None = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save`, or a packed export written by :func:`anybit.export`.
 
     Without ``model`` the architecture is rebuilt from the registry; with ``model`` (a float
     model of the same architecture, e.g. a torchvision network) the tensors are loaded into it.
-    The model is converted with the saved quantization spec and restored to the saved precision.
+    The model is converted with the saved quantization spec and restored to the saved precision,
+    or set to ``bits``. A packed export loads at the precision it holds; an every-precision package
+    at ``bits`` (required), exactly as the model it was exported from runs there.
     """
+    if sidecar_format(path) == PACKED_FORMAT:
+        from .export.packed import load_packed
+
+        return load_packed(path, model, bits, map_location)
     sidecar = read_metadata(path)
     tensors_path, _ = checkpoint_paths(path)
     try:
@@ -291,4 +324,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
             bn.active = active
     elif saved_precision:  # older sidecars: derive the active BatchNorms from the precision
         set_precision(model, saved_precision)
+    if bits is not None:
+        set_precision(model, bits)
     return model

@@ -64,3 +64,18 @@ def evaluate_bits(model: nn.Module, loader: Iterable, bits: Iterable[int], devic
         with precision(model, b):
             results[b] = evaluate(model, loader, device, desc=f"eval {b}-bit", quiet=quiet)
     return results
+
+
+def evaluate_onnx(session, loader: Iterable, desc: str = "eval onnx", quiet: bool = False) -> dict:
+    """:func:`evaluate` for an ONNX Runtime session (:func:`anybit.export.onnx_session`)."""
+    correct, total, loss_sum = 0, 0, 0.0
+    start = time.perf_counter()
+    for images, labels in progress(loader, desc=desc, quiet=quiet):
+        logits = session(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("the evaluation data is empty")
+    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total,
+            "seconds": time.perf_counter() - start}

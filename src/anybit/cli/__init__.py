@@ -39,17 +39,17 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import anybit
 
-    from . import eval_cmd, mixed_cmd, ptq_cmd, train_cmd
+    from . import eval_cmd, export_cmd, mixed_cmd, ptq_cmd, train_cmd
 
     parser = Parser(
         prog="anybit",
         description="One PyTorch model, every precision: train for many bit-widths at once, "
-                    "calibrate after training, allocate bits per layer.",
+                    "calibrate after training, allocate bits per layer, export what runs.",
     )
     parser.add_argument("--version", action="version", version=f"anybit {anybit.__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for module in (train_cmd, eval_cmd, mixed_cmd, ptq_cmd):
+    for module in (train_cmd, eval_cmd, mixed_cmd, ptq_cmd, export_cmd):
         module.add_parser(subparsers)
     return parser
 

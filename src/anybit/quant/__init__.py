@@ -14,9 +14,19 @@ from .batchnorm import (
 )
 from .bitlist import parse_bit_list
 from .calibrate import calibrate_activations
-from .functional import FLOAT_BITS, VALID_BITS, BitsError, check_bits, round_ste, weight_bias_correction
+from .functional import (
+    FLOAT_BITS,
+    VALID_BITS,
+    BitsError,
+    apply_wbc,
+    check_bits,
+    round_ste,
+    wbc_terms,
+    weight_bias_correction,
+)
 from .modules import (
     QUANT_LAYER_TYPES,
+    FrozenPrecisionError,
     QuantConv2d,
     QuantLinear,
     QuantModule,
@@ -45,5 +55,5 @@ __all__ = [
     "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",
     "VALID_BITS", "WeightQuantizer", "parse_bit_list", "check_bits", "conversion_report", "convert", "get_precision",
     "precision", "precision_key", "quant_layers", "quantizable_layers", "round_ste", "set_precision",
-    "weight_bias_correction",
+    "weight_bias_correction", "wbc_terms", "apply_wbc", "FrozenPrecisionError",
 ]

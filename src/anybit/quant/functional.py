@@ -156,16 +156,34 @@ def weight_bias_correction(
     ``Ŵ_c = (Q(W)_c - mean(Q(W)_c)) * std(W_c) / std(Q(W)_c) + mean(W_c)``. A channel whose
     quantized values are all equal has no spread to rescale and becomes ``mean(W_c)``.
     """
-    flat_q = w_q.reshape(w_q.shape[0], -1)
+    return apply_wbc(w_q, *wbc_terms(w, w_q, detach, eps))
+
+
+def wbc_terms(w: torch.Tensor, w_q: torch.Tensor, detach: bool = True,
+              eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output channel ``(mean(Q(W)_c), std(W_c) / std(Q(W)_c), mean(W_c))``: the affine map weight
+    bias correction applies to the channel's quantized values (:func:`apply_wbc`)."""
     flat_w = w.reshape(w.shape[0], -1)
     if detach:
         flat_w = flat_w.detach()
+    return wbc_terms_from_stats(w_q, flat_w.mean(dim=1), flat_w.std(dim=1, unbiased=False), detach, eps)
+
+
+def wbc_terms_from_stats(w_q: torch.Tensor, mean_w: torch.Tensor, std_w: torch.Tensor, detach: bool = True,
+                         eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`wbc_terms` from the float weight's per-channel mean and std (all a packed export stores: the
+    quantized weight's statistics follow from its codes)."""
+    flat_q = w_q.reshape(w_q.shape[0], -1)
     stats_q = flat_q.detach() if detach else flat_q
     mean_q = stats_q.mean(dim=1)
     std_q = stats_q.std(dim=1, unbiased=False)
-    mean_w = flat_w.mean(dim=1)
-    std_w = flat_w.std(dim=1, unbiased=False)
     gain = torch.where(std_q > eps, std_w / std_q.clamp_min(eps), torch.zeros_like(std_q))
+    return mean_q, gain, mean_w
+
+
+def apply_wbc(w_q: torch.Tensor, mean_q: torch.Tensor, gain: torch.Tensor, mean_w: torch.Tensor) -> torch.Tensor:
+    """``(Q(W)_c - mean_q_c) * gain_c + mean_w_c`` per output channel (exported models apply it the same way)."""
+    flat_q = w_q.reshape(w_q.shape[0], -1)
     out = (flat_q - mean_q[:, None]) * gain[:, None] + mean_w[:, None]
     return out.reshape(w_q.shape)
 

@@ -16,6 +16,10 @@ from .functional import FLOAT_BITS, check_bits, weight_bias_correction
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
+class FrozenPrecisionError(ValueError):
+    """A layer of a packed export asked to run at a weight precision it was not exported at."""
+
+
 class QuantModule:
     """Precision state and weight/input quantizers shared by every quantizable layer.
 
@@ -29,6 +33,7 @@ class QuantModule:
     wbc: bool
     wbc_detach: bool
     precision_trace = None   # a PrecisionTrace shared with per-precision BatchNorms (set by convert)
+    frozen_bits: int | None = None   # the weights hold their quantized values at this bit-width (packed exports)
 
     def _init_quant(
         self,
@@ -65,6 +70,13 @@ class QuantModule:
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as used at the current precision (weight bias correction applied if on)."""
+        if self.frozen_bits is not None:
+            if self.w_bits != self.frozen_bits:
+                raise FrozenPrecisionError(
+                    f"this layer was loaded from a packed export whose weights are quantized at {self.frozen_bits} "
+                    f"bits; it cannot run at {self.w_bits}-bit weights. Load the source checkpoint or an "
+                    f"every-precision package (anybit export --bits 1-8) for other precisions")
+            return weight
         w_q = self.weight_quant(weight, self.w_bits)
         if self.wbc and self.w_bits != FLOAT_BITS:
             w_q = weight_bias_correction(weight, w_q, detach=self.wbc_detach)
