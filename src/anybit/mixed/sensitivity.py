@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
+from ..inputs import num_samples
 from ..progress import progress
 from ..quant import FLOAT_BITS, check_bits, get_precision, quant_layers, set_precision
 from .calib import calibration_batches, check_loss, data_fingerprint, dataset_loss, float_targets, model_fingerprint
@@ -146,7 +147,7 @@ def sensitivity(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = calibration_batches(calib_data, batch_size, device)
     check_loss(loss, batches)
-    samples = sum(x.shape[0] for x, _ in batches)
+    samples = sum(num_samples(x) for x, _ in batches)
     pinned = {n: tuple(m.pinned) for n, m in layers.items() if m.pinned is not None}
     free = [n for n in layers if n not in pinned]
     if not free:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..inputs import real_positions, run_model, to_device
 from ..quant import FLOAT_BITS, precision, quant_layers
 from .calib import calibration_batches
 
@@ -54,7 +55,7 @@ class MinMaxSetup:
         stats: dict[str, list[torch.Tensor]] = {}
 
         def hook(module, args, name):
-            x = args[0].detach()
+            x = real_positions(args[0].detach())
             lo, hi = x.amin(), x.amax()
             if name in stats:
                 stats[name] = [torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)]
@@ -68,7 +69,7 @@ class MinMaxSetup:
             with precision(model, FLOAT_BITS):
                 device = next((p.device for p in model.parameters()), None)
                 for x, _ in self.batches:
-                    model(x.to(device) if device is not None else x)
+                    run_model(model, to_device(x, device))
         finally:
             model.train(was_training)
             for h in handles:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inputs import Inputs, num_samples, take, to_device
 from ..quant import check_bits, get_precision, quant_layers, set_precision
 from . import layerwise as aq
 from .calibdata import CalibData, calibration_tensor
@@ -39,7 +40,9 @@ from .tuning import (
     bias_tuning,
     bn_tuning,
     float_logits,
+    has_batchnorm,
     logits_kl,
+    output_kind,
 )
 
 PIPELINES: dict[str, tuple[str, ...]] = {
@@ -75,6 +78,9 @@ class PTQConfig:
     bias_batch_size: int = DEFAULT_BIAS_BATCH_SIZE
     bias_lr: float = DEFAULT_BIAS_LR
     max_cache_bytes: int = aq.DEFAULT_MAX_CACHE_BYTES
+    val_fraction: float = aq.DEFAULT_VAL_FRACTION
+    eval_every: int = aq.DEFAULT_EVAL_EVERY
+    patience: int = aq.DEFAULT_PATIENCE
     num_samples: int | None = None
     skip: tuple[str, ...] = ()
     seed: int = 0
@@ -91,6 +97,7 @@ class PTQConfig:
                           {"lr_weight": self.lr_weight, "lr_bias": self.lr_bias,
                            "lr_weight_range": self.lr_weight_range, "lr_act_range": self.lr_act_range},
                           self.max_cache_bytes)
+        aq.check_early_stopping(self.val_fraction, self.eval_every, self.patience)
         if self.adaquant_caching not in aq.CACHING:
             raise PTQError(f"adaquant_caching={self.adaquant_caching!r} is unknown: expected one of {list(aq.CACHING)}")
         for name in ("bn_batch_size", "bias_batch_size"):
@@ -119,7 +126,7 @@ class PTQContext:
 
     model: nn.Module
     float_model: nn.Module
-    calib: torch.Tensor
+    calib: Inputs
     config: PTQConfig
     graph: LayerGraph
     device: torch.device
@@ -129,7 +136,7 @@ class PTQContext:
     _reference_logits: torch.Tensor | None = None
 
     def reference_logits(self) -> torch.Tensor:
-        """The float model's logits on the calibration set, computed once."""
+        """The float model's outputs (logits, or hidden states) on the calibration set, computed once."""
         if self._reference_logits is None:
             self._reference_logits = float_logits(self.float_model, self.calib, self.device)
         return self._reference_logits
@@ -146,6 +153,7 @@ class PTQReport:
     precision: dict[str, list[int]] = field(default_factory=dict)
     graph: str = ""
     kl: dict[str, float] = field(default_factory=dict)
+    output: str = "logits"
     seconds: float = 0.0
     measure_seconds: float = 0.0
 
@@ -202,11 +210,14 @@ def stage_adaquant(ctx: PTQContext) -> dict:
                        lr_weight=c.lr_weight, lr_bias=c.lr_bias, lr_weight_range=c.lr_weight_range,
                        lr_act_range=c.lr_act_range, init=ctx.range_method, float_model=ctx.float_model,
                        max_cache_bytes=c.max_cache_bytes, caching=c.adaquant_caching, seed=c.seed, quiet=ctx.quiet,
-                       graph=ctx.graph)
+                       graph=ctx.graph, val_fraction=c.val_fraction, eval_every=c.eval_every, patience=c.patience)
 
 
 def stage_bn_tuning(ctx: PTQContext) -> dict:
-    """Re-estimate BatchNorm statistics on the calibration data, quantized (kept if the logits' KL drops)."""
+    """Re-estimate BatchNorm statistics on the calibration data, quantized (kept if the logits' KL drops);
+    nothing at all (no pass over the data) for a model without BatchNorm."""
+    if not has_batchnorm(ctx.model):
+        return {"batchnorms": 0, "skipped": "the model has no BatchNorm"}
     return bn_tuning(ctx.model, ctx.calib, batch_size=ctx.config.bn_batch_size, float_model=ctx.float_model,
                      reference_logits=ctx.reference_logits(), quiet=ctx.quiet)
 
@@ -271,7 +282,7 @@ def quantize(
     config: PTQConfig | None = None,
     bit_allocator: BitAllocator | None = None,
     device: str | torch.device | None = None,
-    quiet: bool = True,
+    quiet: bool = False,
     measure: bool = True,
     on_stage_end: Callable[[str, nn.Module], None] | None = None,
     **options: Any,
@@ -282,11 +293,15 @@ def quantize(
     a copy is converted with per-channel asymmetric weights and per-tensor activations, set to
     ``w_bits``/``a_bits`` (default 4/4; first and last layer at ``keep_first_last``, default 8) and
     calibrated by the stages of ``pipeline`` (default ``"advanced"``). ``calib_data`` is a tensor, a
-    Dataset or a DataLoader (labels not needed). Further settings (``adaquant_mode``, ``iters``,
+    Dataset or a DataLoader (labels not needed), or keyword inputs for ``model(**inputs)`` -- a tokenizer's
+    output, e.g. from :func:`anybit.data.text_calibration` (padding is left out of every range, error and
+    loss). A model whose output has no logits (a feature extractor) is compared on its last hidden
+    states (``report.output == "hidden"``). Further settings (``adaquant_mode``, ``iters``,
     ``batch_size``, learning rates, ``num_samples``, ``max_cache_bytes``, ``seed``, ...) are
     :class:`PTQConfig` fields, given as keyword arguments or as ``config``. Everything is validated
-    before any work starts. ``measure`` adds per-layer output errors and the logits' KL divergence
-    before and after to the report; ``on_stage_end(name, model)`` is called after each stage.
+    before any work starts. ``measure`` adds per-layer output errors and the output discrepancy (KL
+    divergence of the logits, or relative squared error of the hidden states) before and after to the
+    report (``report.kl``); ``quiet=False`` shows progress bars when stderr is a terminal; ``on_stage_end(name, model)`` is called after each stage.
     """
     given = {k: v for k, v in (("w_bits", w_bits), ("a_bits", a_bits), ("pipeline", pipeline)) if v is not None}
     if "pipeline" in given and not isinstance(given["pipeline"], str):
@@ -300,15 +315,17 @@ def quantize(
     calib = calibration_tensor(calib_data, config.num_samples, config.seed)
 
     float_model = float_copy(model).to(device).eval()
-    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip).eval()
+    example = to_device(take(calib, slice(0, 2)), device)
+    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip, example).eval()
     set_precision(qmodel, (config.w_bits, config.a_bits))
-    graph = analyse(qmodel, calib[:2].to(device))
+    graph = analyse(qmodel, example)
     if any(name == "adaquant" for name, _ in stages):
         names = [n for n in graph.order if not quant_layers(qmodel)[n].is_float]
-        aq.check_cache(graph, names, calib.shape[0], config.max_cache_bytes)
+        aq.check_cache(graph, names, num_samples(calib), config.max_cache_bytes)
 
     ctx = PTQContext(qmodel, float_model, calib, config, graph, device, quiet, bit_allocator)
-    report = PTQReport(pipeline=[n for n, _ in stages], config=config.to_dict(), graph=graph.method)
+    report = PTQReport(pipeline=[n for n, _ in stages], config=config.to_dict(), graph=graph.method,
+                       output=output_kind(float_model, calib, device))
     last_local = max(i for i, (n, _) in enumerate(stages) if n in LAYER_STAGES)
     targets = ctx.reference_logits() if measure else None
     measure_s = 0.0

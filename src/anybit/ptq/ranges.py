@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..inputs import Inputs, num_samples, real_positions, run_model
 from ..progress import progress
 from ..quant import FLOAT_BITS, QuantMultiheadAttention, precision, quant_layers
 from ..quant.functional import minmax_scale_zero_point
@@ -124,18 +125,18 @@ def _layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Te
         for t in found:
             if isinstance(t, torch.Tensor) and all(t is not u for u in unique):
                 unique.append(t)
-        return unique
-    return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        return [real_positions(t) for t in unique]
+    return [real_positions(args[0])] if args and isinstance(args[0], torch.Tensor) else []
 
 
 @torch.no_grad()
-def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list[str], *, batch_size: int = 256,
+def collect_activation_stats(model: nn.Module, calib: Inputs, layers: list[str], *, batch_size: int = 256,
                              device=None, max_samples: int = 2**16, seed: int = 0,
                              quiet: bool = True) -> dict[str, ActStats]:
     """Min, max and a random sample (at most ``max_samples`` values) of the inputs of ``layers``,
-    observed in one float forward pass over ``calib``."""
+    observed in one float forward pass over ``calib`` (real tokens only: padding is left out)."""
     modules = quant_layers(model)
-    n_batches = max(1, math.ceil(calib.shape[0] / batch_size))
+    n_batches = max(1, math.ceil(num_samples(calib) / batch_size))
     per_call = max(1, math.ceil(max_samples / n_batches))
     generator = torch.Generator().manual_seed(seed)
     lo = {n: math.inf for n in layers}
@@ -159,7 +160,7 @@ def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list
         with precision(model, FLOAT_BITS):
             for x in progress(batches(calib, batch_size, device), desc="activation ranges", quiet=quiet,
                               total=n_batches):
-                model(x)
+                run_model(model, x)
     finally:
         model.train(was_training)
         for h in handles:
@@ -175,7 +176,7 @@ def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list
     return stats
 
 
-def init_ranges(model: nn.Module, calib: torch.Tensor, method: str = "mse", *, layers: list[str] | None = None,
+def init_ranges(model: nn.Module, calib: Inputs, method: str = "mse", *, layers: list[str] | None = None,
                 weights: bool = True, activations: bool = True, batch_size: int = 256, device=None,
                 max_samples: int = 2**16, seed: int = 0, learnable: bool = True, quiet: bool = True) -> dict[str, dict]:
     """Calibrate weight and input ranges of a converted model at each layer's *current* precision.
