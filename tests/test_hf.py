@@ -229,3 +229,36 @@ def test_plain_dict_models_are_not_mistaken_for_images():
     batch = {"input_ids": torch.randint(0, 5, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
     qmodel, report = ptq.quantize(Net(), batch, 8, 8, "mse", keep_first_last=None, quiet=True)
     assert report.output == "logits"
+
+
+def test_per_token_activations_need_no_calibration_and_survive_a_checkpoint(bert, calib, held_out, tmp_path):
+    qmodel, report = ptq.quantize(bert, calib, 8, 8, "rtn", act_granularity="token", quiet=True)
+    layer = qmodel.encoder.layer[0].intermediate.dense
+    assert layer.input_quant.dynamic and not layer.input_quant.calibrated_bits()
+    anybit.save(qmodel, tmp_path / "m")
+    loaded = anybit.load(tmp_path / "m")   # rebuilt from the config the sidecar records
+    with torch.no_grad():
+        assert torch.equal(loaded(**held_out).last_hidden_state, qmodel(**held_out).last_hidden_state)
+    errors = {g: compare_outputs(ptq.quantize(bert, calib, 8, 4, "rtn", act_granularity=g, quiet=True)[0], bert,
+                                 held_out)["relative_error"] for g in ("tensor", "token")}
+    assert errors["token"] < errors["tensor"]
+
+
+def test_smoothing_moves_outliers_into_the_weights_without_changing_the_float_product(bert, calib, held_out):
+    model = ptq.ptq_convert(bert, None)
+    anybit.set_precision(model, (16, 16))
+    ptq.init_ranges(model, calib, "minmax")
+    with torch.no_grad():
+        plain = model(**held_out).last_hidden_state
+    spread = ptq.smooth(model, calib, 0.5)
+    assert max(spread.values()) > 2   # the outlier channels of the embeddings' LayerNorm
+    ptq.init_ranges(model, calib, "minmax")
+    with torch.no_grad():
+        smoothed = model(**held_out).last_hidden_state
+    assert torch.allclose(plain, smoothed, atol=2e-3)   # x/s times W*s: the same product at 16 bits
+    errors = {}
+    for alpha in (None, 0.5):
+        qmodel, _ = ptq.quantize(bert, calib, 8, 4, "mse", smooth_alpha=alpha, act_granularity="tensor",
+                                 keep_first_last=None, quiet=True)
+        errors[alpha] = compare_outputs(qmodel, bert, held_out)["relative_error"]
+    assert errors[0.5] < errors[None]

@@ -55,7 +55,7 @@ class MinMaxSetup:
         stats: dict[str, list[torch.Tensor]] = {}
 
         def hook(module, args, name):
-            x = real_positions(args[0].detach())
+            x = real_positions(module.smooth_input(args[0].detach()))
             lo, hi = x.amin(), x.amax()
             if name in stats:
                 stats[name] = [torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)]
@@ -82,6 +82,8 @@ class MinMaxSetup:
         if a_bits == FLOAT_BITS:
             return
         layer = model.get_submodule(layer_name)
+        if getattr(layer.input_quant, "dynamic", False):
+            return  # per-token ranges are computed at run time
         if not self.overwrite and a_bits in layer.input_quant.calibrated_bits():
             return  # calibrated before (by this set-up, or by a better one such as PTQ's MSE search)
         if self._model_ref is None or self._model_ref() is not model:

@@ -44,11 +44,16 @@ CACHING = ("auto", "graph", "stream", "passes")
 DEFAULT_ITERS = 50
 DEFAULT_BATCH_SIZE = 50
 DEFAULT_LR_WEIGHT = 3e-2
+SEQUENCE_LR_WEIGHT = 1e-2
+"""``lr_weight`` for models calibrated on keyword inputs (transformers on text): 3e-2, measured best on
+ResNet-20, made a 4-bit MiniLM worse than its MSE ranges; 1e-2 is the best of those measured there
+(docs/transformers.md)."""
 DEFAULT_LR_BIAS = 1e-3
 DEFAULT_LR_WEIGHT_RANGE = 1e-3
 DEFAULT_LR_ACT_RANGE = 1e-2
 DEFAULT_MAX_CACHE_BYTES = 4 * 2**30
-DEFAULT_VAL_FRACTION = 0.2
+SEQUENCE_VAL_FRACTION = 0.2
+"""``val_fraction`` for keyword inputs (``val_fraction=None``); image models keep 0, as measured on ResNet-20."""
 DEFAULT_EVAL_EVERY = 10
 DEFAULT_PATIENCE = 2
 FORWARD_BATCH = 256
@@ -75,10 +80,18 @@ def check_settings(mode: str, iters: int, batch_size: int, lrs: dict[str, float]
         _check_positive(name, value, 0, float)
 
 
-def check_early_stopping(val_fraction: float, eval_every: int, patience: int) -> None:
+def default_lr_weight(calib: Inputs) -> float:
+    """The weight learning rate for ``lr_weight=None``: :data:`SEQUENCE_LR_WEIGHT` for keyword inputs (text
+    transformers), :data:`DEFAULT_LR_WEIGHT` otherwise."""
+    return SEQUENCE_LR_WEIGHT if is_keyword_inputs(calib) else DEFAULT_LR_WEIGHT
+
+
+def check_early_stopping(val_fraction: float | None, eval_every: int, patience: int) -> None:
     """Validate the held-out early-stopping settings of AdaQuant."""
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise PTQError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in [0, 1) (0: no held-out set)")
+    if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))
+                                     or not 0 <= val_fraction < 1):
+        raise PTQError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in [0, 1) (0: no held-out set) "
+                       f"or None (0.2 for keyword inputs, 0 otherwise)")
     _check_positive("eval_every", eval_every, 1)
     _check_positive("patience", patience, 1)
 
@@ -370,8 +383,8 @@ class _LayerProblem:
         self.w_zero = wq._get(layer.w_bits, "zero_point") if self.learn_weight else None
         if self.learn_weight and self.w_scale is None:
             raise PTQError(f"layer {name} has no calibrated weight range at {layer.w_bits} bits: run init_ranges first")
-        self.a_lo, self.a_hi = (layer.input_quant.range_for(layer.a_bits) if layer.a_bits != FLOAT_BITS
-                                else (None, None))
+        self.a_lo, self.a_hi = (layer.input_quant.range_for(layer.a_bits)
+                                if layer.a_bits != FLOAT_BITS and not layer.input_quant.dynamic else (None, None))
         if self.a_lo is not None and self.a_lo is layer.input_quant.lo:
             raise PTQError(f"layer {name} has no calibrated input range at {layer.a_bits} bits: run init_ranges first")
         # Weight perturbation in units of each channel's quantization step: one learning rate fits all layers.
@@ -427,8 +440,8 @@ class _LayerProblem:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        x_q = layer.input_quant(x, layer.a_bits)
-        w_q = layer.quantize_weight(self.weight())
+        x_q = layer.input_quant(layer.smooth_input(x), layer.a_bits)
+        w_q = layer.quantize_weight(layer.smooth_weight(self.weight()))
         y = self._linear(x_q, w_q, self.bias if self.bn_fold is None else None)
         if self.bn_fold is not None:
             y = y + self.bias.reshape((1, -1) + (1,) * (y.dim() - 2))
@@ -646,7 +659,7 @@ def adaquant(
     mode: str = "sequential",
     iters: int = DEFAULT_ITERS,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    lr_weight: float = DEFAULT_LR_WEIGHT,
+    lr_weight: float | None = None,
     lr_bias: float = DEFAULT_LR_BIAS,
     lr_weight_range: float = DEFAULT_LR_WEIGHT_RANGE,
     lr_act_range: float = DEFAULT_LR_ACT_RANGE,
@@ -660,7 +673,7 @@ def adaquant(
     seed: int = 0,
     quiet: bool = True,
     graph: LayerGraph | None = None,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_fraction: float | None = None,
     eval_every: int = DEFAULT_EVAL_EVERY,
     patience: int = DEFAULT_PATIENCE,
 ) -> dict:
@@ -671,7 +684,8 @@ def adaquant(
     ``w_bits``/``a_bits`` set a uniform precision first; ``None`` keeps the model's current
     (possibly per-layer) precision. Layers without calibrated ranges at their precision get them
     from ``init`` (``"mse"`` or ``"minmax"``). ``float_model`` is the reference (default: a float
-    copy of ``model`` taken before any change). Learning rates are relative: ``lr_weight`` and
+    copy of ``model`` taken before any change). Learning rates are relative: ``lr_weight`` (``None``:
+    3e-2, or 1e-2 for keyword inputs: :func:`default_lr_weight`) and
     ``lr_weight_range`` in weight quantization steps, ``lr_act_range`` in activation steps,
     ``lr_bias`` in output standard deviations, per Adam step. ``caching``: ``"graph"`` walks the
     torch.fx graph once for all layers, ``"passes"`` runs forward passes per layer, ``"auto"`` takes
@@ -680,12 +694,18 @@ def adaquant(
     else passes. Keyword inputs (a tokenizer's output) are cached as real tokens only: padding enters
     neither the loss nor the error measurements.
 
-    ``val_fraction`` of the calibration samples (seeded) is held out from each layer's optimisation:
+    ``val_fraction`` of the calibration samples (seeded; ``None``: 0.2 for keyword inputs, else 0) is held
+    out from each layer's optimisation:
     its error is measured every ``eval_every`` steps, the best state is kept, the optimisation stops when
     it has not improved ``patience`` times in a row, and a layer whose held-out error did not drop is
     restored as it was (0 trains on everything and judges on the same data).
     Returns a per-layer report (output MSE before/after, held-out MSE, steps run, post-ops found, time).
     """
+    calib = calibration_tensor(calib_data, num_samples, seed)
+    if lr_weight is None:
+        lr_weight = default_lr_weight(calib)
+    if val_fraction is None:
+        val_fraction = SEQUENCE_VAL_FRACTION if is_keyword_inputs(calib) else 0.0
     lrs = {"lr_weight": lr_weight, "lr_bias": lr_bias, "lr_weight_range": lr_weight_range, "lr_act_range": lr_act_range}
     check_settings(mode, iters, batch_size, lrs, max_cache_bytes)
     check_early_stopping(val_fraction, eval_every, patience)
@@ -693,7 +713,6 @@ def adaquant(
     if caching not in CACHING:
         raise PTQError(f"caching={caching!r} is unknown: expected one of {list(CACHING)}")
     start = time.perf_counter()
-    calib = calibration_tensor(calib_data, num_samples, seed)
     if float_model is None:
         float_model = float_copy(model)
     device = _device_of(model)

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inputs import Inputs, num_samples, take, to_device
+from ..inputs import Inputs, is_keyword_inputs, num_samples, take, to_device
 from ..quant import check_bits, get_precision, quant_layers, set_precision
+from ..quant.functional import ACT_GRANULARITIES
 from . import layerwise as aq
 from .calibdata import CalibData, calibration_tensor
 from .errors import PTQError
 from .floatcopy import check_quantizable, float_copy, ptq_convert
 from .graph import LayerGraph, PostOp, analyse
-from .ranges import has_ranges, init_ranges
+from .ranges import has_ranges, init_ranges, smooth
 from .tuning import (
     DEFAULT_BIAS_BATCH_SIZE,
     DEFAULT_BIAS_ITERS,
@@ -65,11 +66,13 @@ class PTQConfig:
     a_bits: int = 4
     pipeline: str = "advanced"
     keep_first_last: int | None = 8
+    act_granularity: str = "auto"
+    smooth_alpha: float | str | None = "auto"
     adaquant_mode: str = "sequential"
     adaquant_caching: str = "auto"
     iters: int = aq.DEFAULT_ITERS
     batch_size: int = aq.DEFAULT_BATCH_SIZE
-    lr_weight: float = aq.DEFAULT_LR_WEIGHT
+    lr_weight: float | None = None
     lr_bias: float = aq.DEFAULT_LR_BIAS
     lr_weight_range: float = aq.DEFAULT_LR_WEIGHT_RANGE
     lr_act_range: float = aq.DEFAULT_LR_ACT_RANGE
@@ -78,7 +81,7 @@ class PTQConfig:
     bias_batch_size: int = DEFAULT_BIAS_BATCH_SIZE
     bias_lr: float = DEFAULT_BIAS_LR
     max_cache_bytes: int = aq.DEFAULT_MAX_CACHE_BYTES
-    val_fraction: float = aq.DEFAULT_VAL_FRACTION
+    val_fraction: float | None = None
     eval_every: int = aq.DEFAULT_EVAL_EVERY
     patience: int = aq.DEFAULT_PATIENCE
     num_samples: int | None = None
@@ -90,11 +93,19 @@ class PTQConfig:
         check_bits(self.a_bits, "a_bits")
         if self.keep_first_last is not None:
             check_bits(self.keep_first_last, "keep_first_last")
+        if self.act_granularity not in ("auto", *ACT_GRANULARITIES):
+            raise PTQError(f"act_granularity={self.act_granularity!r} is unknown: expected 'auto' or one of "
+                           f"{list(ACT_GRANULARITIES)}")
+        if self.smooth_alpha not in (None, "auto") and (isinstance(self.smooth_alpha, bool) or not isinstance(
+                self.smooth_alpha, (int, float)) or not 0 <= self.smooth_alpha <= 1):
+            raise PTQError(f"smooth_alpha={self.smooth_alpha!r} is invalid: expected None (no smoothing), 'auto' "
+                           f"or a migration strength in [0, 1]")
         if isinstance(self.pipeline, str) and self.pipeline not in PIPELINES:
             raise PTQError(f"pipeline={self.pipeline!r} is unknown: expected one of {list(PIPELINES)} "
                            f"or a list of stages from {list(STAGES)}")
         aq.check_settings(self.adaquant_mode, self.iters, self.batch_size,
-                          {"lr_weight": self.lr_weight, "lr_bias": self.lr_bias,
+                          {"lr_weight": aq.DEFAULT_LR_WEIGHT if self.lr_weight is None else self.lr_weight,
+                           "lr_bias": self.lr_bias,
                            "lr_weight_range": self.lr_weight_range, "lr_act_range": self.lr_act_range},
                           self.max_cache_bytes)
         aq.check_early_stopping(self.val_fraction, self.eval_every, self.patience)
@@ -133,6 +144,7 @@ class PTQContext:
     quiet: bool = True
     bit_allocator: BitAllocator | None = None
     range_method: str = "mse"
+    smooth_alpha: float | None = None
     _reference_logits: torch.Tensor | None = None
 
     def reference_logits(self) -> torch.Tensor:
@@ -173,8 +185,11 @@ class PTQReport:
 
 def _ranges(ctx: PTQContext, method: str) -> dict:
     ctx.range_method = method
+    smoothing = None
+    if ctx.smooth_alpha is not None:
+        smoothing = smooth(ctx.model, ctx.calib, ctx.smooth_alpha, device=ctx.device, quiet=ctx.quiet)
     result = init_ranges(ctx.model, ctx.calib, method, device=ctx.device, seed=ctx.config.seed, quiet=ctx.quiet)
-    return {"method": method, "layers": result}
+    return {"method": method, "layers": result, **({"smoothing_spread": smoothing} if smoothing is not None else {})}
 
 
 def stage_ranges_minmax(ctx: PTQContext) -> dict:
@@ -272,6 +287,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+SEQUENCE_SMOOTH_ALPHA = 0.5
+"""Smoothing strength ``smooth_alpha="auto"`` uses for sequence models (keyword inputs) at 4 activation
+bits or fewer. Measured on all-MiniLM-L6-v2 (docs/transformers.md): it lifts W4A4 and hurts AdaQuant at
+W4A8, where the 4-bit weights pay for the outliers moved into them."""
+
+
+def resolve_smoothing(config: PTQConfig, calib: Inputs) -> float | None:
+    """The smoothing strength a pipeline applies: ``config.smooth_alpha``, with ``"auto"`` meaning
+    :data:`SEQUENCE_SMOOTH_ALPHA` for keyword inputs at ``a_bits <= 4`` and no smoothing otherwise."""
+    if config.smooth_alpha != "auto":
+        return config.smooth_alpha
+    return SEQUENCE_SMOOTH_ALPHA if is_keyword_inputs(calib) and config.a_bits <= 4 else None
+
+
 def quantize(
     model: nn.Module,
     calib_data: CalibData,
@@ -316,14 +345,19 @@ def quantize(
 
     float_model = float_copy(model).to(device).eval()
     example = to_device(take(calib, slice(0, 2)), device)
-    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip, example).eval()
+    granularity = config.act_granularity
+    if granularity == "auto":   # per-token ranges for sequence models (measured: docs/transformers.md)
+        granularity = "token" if is_keyword_inputs(calib) else "tensor"
+    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip, example,
+                         act_granularity=granularity).eval()
     set_precision(qmodel, (config.w_bits, config.a_bits))
     graph = analyse(qmodel, example)
     if any(name == "adaquant" for name, _ in stages):
         names = [n for n in graph.order if not quant_layers(qmodel)[n].is_float]
         aq.check_cache(graph, names, num_samples(calib), config.max_cache_bytes)
 
-    ctx = PTQContext(qmodel, float_model, calib, config, graph, device, quiet, bit_allocator)
+    ctx = PTQContext(qmodel, float_model, calib, config, graph, device, quiet, bit_allocator,
+                     smooth_alpha=resolve_smoothing(config, calib))
     report = PTQReport(pipeline=[n for n, _ in stages], config=config.to_dict(), graph=graph.method,
                        output=output_kind(float_model, calib, device))
     last_local = max(i for i, (n, _) in enumerate(stages) if n in LAYER_STAGES)
@@ -357,5 +391,7 @@ def quantize(
     report.seconds = time.perf_counter() - start
     qmodel.anybit_meta = {**qmodel.anybit_meta, "ptq": {"pipeline": report.pipeline, "w_bits": config.w_bits,
                                                         "a_bits": config.a_bits,
-                                                        "keep_first_last": config.keep_first_last}}
+                                                        "keep_first_last": config.keep_first_last,
+                                                        "act_granularity": granularity,
+                                                        "smooth_alpha": ctx.smooth_alpha}}
     return qmodel.eval(), report

@@ -30,8 +30,8 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     highs: dict[str, torch.Tensor] = {}
 
     def observe(name):
-        def hook(_module, inputs):
-            x = real_positions(inputs[0].detach())
+        def hook(module, inputs):
+            x = real_positions(module.smooth_input(inputs[0].detach()))
             lo, hi = x.amin(), x.amax()
             lows[name] = torch.minimum(lows[name], lo) if name in lows else lo
             highs[name] = torch.maximum(highs[name], hi) if name in highs else hi

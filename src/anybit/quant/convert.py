@@ -158,7 +158,8 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, example_input=None,
             quant = qcls.from_float(
                 module,
                 weight_quant=WeightQuantizer(spec.weight, spec.per_channel),
-                input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float),
+                input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float,
+                                         granularity="tensor" if qcls is QuantConv2d else spec.act_granularity),
                 wbc=spec.wbc,
                 wbc_detach=spec.wbc_detach,
             )
