@@ -262,3 +262,18 @@ def test_smoothing_moves_outliers_into_the_weights_without_changing_the_float_pr
                                  keep_first_last=None, quiet=True)
         errors[alpha] = compare_outputs(qmodel, bert, held_out)["relative_error"]
     assert errors[0.5] < errors[None]
+
+
+def test_cli_budget_allocates_bits_over_the_linear_layers_and_eval_refuses_text_checkpoints(model_dir, tmp_path,
+                                                                                            capsys):
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("\n".join(SENTENCES[:32]) + "\n")
+    out = tmp_path / "mixed"
+    rc = main(["ptq", str(model_dir), "--calib-text", str(calib_file), "--pipeline", "light", "--budget", "0.2",
+               "--bit-options", "4,8", "--out", str(out), "--quiet"])
+    assert rc == 0
+    precision = json.loads((out / "run.json").read_text())["metrics"]["precision"]
+    assert {tuple(p) for p in precision.values()} <= {(4, 4), (8, 8)} and len(precision) == 13
+    capsys.readouterr()
+    assert main(["eval", str(out), "--quiet"]) == 2
+    assert "Hugging Face transformers checkpoint" in capsys.readouterr().err
