@@ -159,6 +159,26 @@ def _discrepancy(model, calib, targets, index, device, temperature) -> tuple[tor
     return output_discrepancy(out, targets[index].to(device), kind, mi.token_mask(x), temperature)
 
 
+def _minibatches(calib: mi.Inputs, batch_size: int, generator: torch.Generator):
+    """Endless random mini-batches of sample indices, each sample once per epoch. For keyword inputs with a
+    padding mask the batches are made of samples of similar length (consecutive in length order, the batch
+    order shuffled), so each batch is trimmed of most of its padding: the same samples, far less compute."""
+    n = mi.num_samples(calib)
+    size = min(batch_size, n)
+    mask = mi.token_mask(calib)
+    while True:
+        if mask is None:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - size + 1, size):
+                yield order[start:start + size]
+            continue
+        noise = torch.rand(n, generator=generator)   # ties between equal lengths broken at random
+        by_length = torch.argsort(mask.sum(1).float() + noise)
+        groups = [by_length[start:start + size] for start in range(0, n - size + 1, size)]
+        for g in torch.randperm(len(groups), generator=generator).tolist():
+            yield groups[g]
+
+
 def output_kind(model: nn.Module, calib: mi.Inputs, device=None) -> str:
     """``"logits"`` or ``"hidden"``: what PTQ compares in this model's output (one sample is run)."""
     device = device if device is not None else _device_of(model)
@@ -212,13 +232,9 @@ def bias_tuning(model: nn.Module, float_model: nn.Module, calib_data: CalibData,
                else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
         generator = torch.Generator().manual_seed(seed)
-        n = mi.num_samples(calib)
-        order, cursor = torch.randperm(n, generator=generator), 0
+        draw = _minibatches(calib, batch_size, generator)
         for _ in progress(range(iters), desc="bias tuning", quiet=quiet):
-            if cursor + min(batch_size, n) > n:
-                order, cursor = torch.randperm(n, generator=generator), 0
-            idx = order[cursor:cursor + batch_size]
-            cursor += batch_size
+            idx = next(draw)
             total, count = _discrepancy(model, calib, targets, idx, device, temperature)
             loss = total / max(count, 1)
             opt.zero_grad(set_to_none=True)
