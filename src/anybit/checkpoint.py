@@ -234,6 +234,8 @@ def _build(sidecar: dict, path) -> nn.Module:
     from . import models
 
     info = sidecar.get("model", {})
+    if "arch" not in info and isinstance(info.get("hf"), dict):
+        return models.hf.build(info["hf"])
     if "arch" not in info:
         raise CheckpointError(
             f"checkpoint {path} does not name a registered architecture; pass the float model "
@@ -257,6 +259,20 @@ def _check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
               for k, v in expected.items() if tuple(v.shape) != tuple(state[k].shape)]
     if shapes:
         raise CheckpointError(f"{what}: {len(shapes)} tensors differ in shape (e.g. {'; '.join(shapes[:3])})")
+
+
+def _restore_pins(model: nn.Module, info: dict) -> None:
+    """Pin the layers the saved conversion pinned (found by execution order when it was made, which a
+    conversion here, without an example input, cannot repeat)."""
+    spec, pinned = info.get("quant_spec", {}), info.get("conversion", {}).get("pinned")
+    bits = spec.get("keep_first_last") if isinstance(spec, dict) else None
+    if bits is None or not isinstance(pinned, list):
+        return
+    layers = quant_layers(model)
+    if not all(isinstance(n, str) and n in layers for n in pinned):
+        return   # the mismatch is reported by the checks below
+    for name, layer in layers.items():
+        layer.pinned = (bits, bits) if name in pinned else None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu",
@@ -292,6 +308,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(model, spec)
+        _restore_pins(model, info)
     arch = info.get("arch", "a custom model")
     mismatch = f"checkpoint {path} (architecture {arch}) does not fit this model"
     _check_fit(model.state_dict(), state, mismatch)

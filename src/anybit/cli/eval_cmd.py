@@ -73,6 +73,11 @@ def add_parser(subparsers) -> None:
 
 def dataset_from_metadata(args: argparse.Namespace, meta: dict) -> tuple[str, dict]:
     """Dataset name and options: from the command line, else from the checkpoint's metadata."""
+    hf = meta.get("model", {}).get("hf")
+    if isinstance(hf, dict):
+        raise CLIError(f"this is a Hugging Face transformers checkpoint ({hf.get('class')}, from {hf.get('source')}), "
+                       f"not an image classifier: compare it with its float model on text (anybit ptq DIR "
+                       f"--calib-text FILE --test-text FILE, or anybit.evaluation.compare_outputs)")
     saved = meta.get("metadata", {}).get("data", {})
     name = args.dataset or saved.get("dataset")
     if not name:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
+from ..inputs import num_samples, take
 from ..progress import progress
 from ..quant import (
     FLOAT_BITS,
@@ -169,9 +170,9 @@ def sensitivity(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = calibration_batches(calib_data, batch_size, device)
     check_loss(loss, batches)
-    if check_layers_run(model, batches[0][0][:1]):      # layers that never run their forward are left float
+    if check_layers_run(model, take(batches[0][0], slice(0, 1))):      # layers that never run their forward are left float
         layers = quant_layers(model)
-    samples = sum(x.shape[0] for x, _ in batches)
+    samples = sum(num_samples(x) for x, _ in batches)
     pinned = {n: tuple(m.pinned) for n, m in layers.items() if m.pinned is not None}
     free = [n for n in layers if n not in pinned]
     if not free:

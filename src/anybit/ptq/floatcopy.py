@@ -85,11 +85,13 @@ def check_quantizable(model: nn.Module) -> list[str]:
     return names
 
 
-def ptq_convert(float_model: nn.Module, keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST,
-                skip: tuple[str, ...] = ()) -> nn.Module:
-    """A quantizable deep copy of a float model, converted with :data:`PTQ_SPEC`."""
+def ptq_convert(float_model: nn.Module, keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST, skip: tuple[str, ...] = (),
+                example=None, **spec_fields) -> nn.Module:
+    """A quantizable deep copy of a float model, converted with :data:`PTQ_SPEC` (``spec_fields`` override
+    it). With ``example`` (a small batch of inputs) the first and last layers are found in execution
+    order (:func:`anybit.quant.convert.execution_ends`), not in registration order."""
     model = copy.deepcopy(float_model)
-    spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last, "skip": tuple(skip)})
+    spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last, "skip": tuple(skip), **spec_fields})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers left in float are listed in the conversion report
-        return convert(model, spec)
+        return convert(model, spec, example_input=example)

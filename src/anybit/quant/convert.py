@@ -6,6 +6,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .modules import (
@@ -70,7 +71,61 @@ def _has_matrix_weight(module: nn.Module) -> bool:
     return w is not None and w.dim() >= 2
 
 
-def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.Module:
+@torch.no_grad()
+def execution_ends(model: nn.Module, names: list[str], example) -> tuple[list[str], list[str]]:
+    """The first and last of the layers ``names`` of ``model`` in execution order on ``example`` (a batch of
+    inputs: a tensor or a dict of keyword tensors).
+
+    First: the layer that runs first, with every layer that reads the same input tensor (a transformer's
+    query, key and value projections). Last: the last layer to run among those the model's compared
+    output (logits, or hidden states for a feature extractor) depends on, with the layers that share its
+    input -- a layer whose output does not reach it (BERT's pooler, for a model compared on its hidden
+    states) is not "last". Layers that never run are neither.
+    """
+    from ..evaluation import compared_output
+    from ..inputs import run_model
+
+    wanted = set(names)
+    order: list[str] = []
+    first_input: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            if name not in first_input:
+                order.append(name)
+                first_input[name] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            _, out = compared_output(run_model(model, example))
+            weights = {n: modules[n].weight for n in names if isinstance(getattr(modules[n], "weight", None),
+                                                                          torch.Tensor)}
+            used = set(wanted)
+            if out.requires_grad and weights:
+                grads = torch.autograd.grad(out.float().sum(), list(weights.values()), allow_unused=True)
+                used = {n for n, g in zip(weights, grads) if g is not None}
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    ran = [n for n in order if n in wanted]
+    if not ran:
+        return [], []
+
+    def sharing(name: str) -> list[str]:
+        x = first_input[name]
+        return [n for n in ran if n == name or (x is not None and first_input[n] is x)]
+
+    live = [n for n in ran if n in used] or ran
+    return sharing(ran[0]), sharing(live[-1])
+
+
+def convert(model: nn.Module, spec: QuantSpec | None = None, example_input=None, **overrides) -> nn.Module:
     """Swap ``nn.Conv2d``/``nn.Linear``/``nn.MultiheadAttention`` for quantizable layers, in place.
 
     Returns the same model object, at full precision (outputs unchanged) until
@@ -78,6 +133,9 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
     (``convert(model, weight="symmetric", keep_first_last=8)``). Layers of other types that carry
     a weight matrix (``Conv1d``, ``Embedding``, subclasses with their own forward, ...) stay float
     and are listed in the report (``model.anybit_meta["conversion"]``) and in a warning.
+    ``keep_first_last`` pins the first and last converted layers in registration order, or -- given
+    ``example_input`` (a small batch) -- in execution order (:func:`execution_ends`: the first layer with
+    those sharing its input; the last layer the output depends on).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -100,7 +158,8 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
             quant = qcls.from_float(
                 module,
                 weight_quant=WeightQuantizer(spec.weight, spec.per_channel),
-                input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float),
+                input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float,
+                                         granularity="tensor" if qcls is QuantConv2d else spec.act_granularity),
                 wbc=spec.wbc,
                 wbc_detach=spec.wbc_detach,
             )
@@ -127,7 +186,11 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, **overrides) -> nn.
         for name in report.converted + report.precision_bn:
             model.get_submodule(name).precision_trace = trace
     if spec.keep_first_last is not None:
-        ends = {report.converted[0], report.converted[-1]}
+        if example_input is not None:
+            first, last = execution_ends(model, report.converted, example_input)
+            ends = set(first) | set(last)
+        else:
+            ends = {report.converted[0], report.converted[-1]}
         for name in report.converted:
             if name in ends:
                 layer = model.get_submodule(name)
@@ -197,6 +260,7 @@ def check_layers_run(model: nn.Module, example_input, warn: bool = True) -> list
     same way), and first/last pinning moves to the first and last layers that do run."""
     import torch
 
+    from ..inputs import is_keyword_inputs
     from .functional import FLOAT_BITS
     from .precision import get_precision, quant_layers
 
@@ -217,7 +281,10 @@ def check_layers_run(model: nn.Module, example_input, warn: bool = True) -> list
         for layer in layers.values():
             layer.set_bits(FLOAT_BITS, FLOAT_BITS)
         with torch.no_grad():
-            model(*args)
+            if is_keyword_inputs(example_input):
+                model(**example_input)
+            else:
+                model(*args)
     finally:
         model.train(was_training)
         for name, pair in saved.items():

@@ -11,6 +11,8 @@ import torch
 
 FLOAT_BITS = 32
 VALID_BITS = tuple(range(1, 17)) + (FLOAT_BITS,)
+ACT_GRANULARITIES = ("tensor", "token")
+"""Activation ranges: one calibrated range per tensor, or one per token (row) computed at run time."""
 
 
 class BitsError(ValueError):
@@ -288,3 +290,18 @@ def fake_quant_learned_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     if x.device.type == "cpu":
         return _LearnedGridFakeQuant.apply(x, scale, zero_point, 0, qmax, grad_factor)
     return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, 0, qmax, grad_factor)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token fake quantization: every row (the last dimension: one token's features, or one
+    sample's) gets its own unsigned ``bits``-bit grid over ``[min(row, 0), max(row, 0)]``, computed from
+    the input itself. Nothing is clipped, so the straight-through gradient reaches every element. This is
+    what an integer kernel with per-row activation scales (applied after the integer matmul) computes."""
+    flat = x.detach()
+    lo = flat.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = flat.amax(dim=-1, keepdim=True).clamp(min=0)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(flat / scale) + zero_point, 0, levels)
+    return x + ((q - zero_point) * scale - flat)

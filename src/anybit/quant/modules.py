@@ -68,6 +68,16 @@ class QuantModule:
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
 
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / s`` with the layer's smoothing scales (SmoothQuant; per input channel), else ``x``."""
+        s = self.input_quant.smoothing() if isinstance(self, nn.Linear) else None
+        return x if s is None else x / s
+
+    def smooth_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W * s`` (scales on the input dimension) with the layer's smoothing scales, else ``W``."""
+        s = self.input_quant.smoothing() if isinstance(self, nn.Linear) else None
+        return weight if s is None else weight * s
+
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as used at the current precision (weight bias correction applied if on)."""
         if self.frozen_bits is not None:
@@ -142,7 +152,8 @@ class QuantLinear(nn.Linear, QuantModule):
         self.record_precision()
         if self.runs_float_forward:
             return super().forward(x)
-        return F.linear(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
+        return F.linear(self.input_quant(self.smooth_input(x), self.a_bits),
+                        self.quantize_weight(self.smooth_weight(self.weight)), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.quant_extra_repr()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .batchnorm import UNTRAINED_RULES
-from .functional import WEIGHT_QUANTIZERS, check_bits
+from .functional import ACT_GRANULARITIES, WEIGHT_QUANTIZERS, check_bits
 
 
 class SpecError(ValueError):
@@ -29,6 +29,9 @@ class QuantSpec:
     weight_per_channel: per-output-channel ranges; ``None`` = per-tensor for dorefa, per-channel otherwise.
     act: activation range ``"learned"`` (LSQ-style, starts at the first batch's min/max) or ``"fixed"``.
     act_range: the fixed range (or the starting value of a learned one before data is seen).
+    act_granularity: ``"tensor"`` (one range per layer input, learnt or calibrated) or ``"token"`` (dynamic:
+        a range per row -- per token of a transformer -- computed from each input at run time; Linear and
+        MultiheadAttention inputs only, Conv2d inputs keep one range per tensor).
     act_clip_float: also clip the input of every quantizable layer that is not pinned to the activation
         range at 32 bits (a clipped-ReLU float path), so that one shared BatchNorm sees the same activation
         distribution at every precision (the emqnet method). Off: 32 bits is exactly the float model.
@@ -51,6 +54,7 @@ class QuantSpec:
     weight_per_channel: bool | None = None
     act: str = "learned"
     act_range: tuple[float, float] = (0.0, 1.0)
+    act_granularity: str = "tensor"
     act_clip_float: bool = False
     wbc: bool = False
     wbc_detach: bool = True
@@ -66,6 +70,9 @@ class QuantSpec:
             raise SpecError(f"weight={self.weight!r} is unknown: expected one of {sorted(WEIGHT_QUANTIZERS)}")
         if self.act not in ("learned", "fixed"):
             raise SpecError(f"act={self.act!r} is unknown: expected 'learned' or 'fixed'")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise SpecError(f"act_granularity={self.act_granularity!r} is unknown: expected one of "
+                            f"{list(ACT_GRANULARITIES)}")
         if self.bn not in ("shared", "switchable"):
             raise SpecError(f"bn={self.bn!r} is unknown: expected 'shared' or 'switchable'")
         if self.bn_stats not in ("shared", "per-precision"):
