@@ -116,7 +116,7 @@ def run_one(label: str, argv: list[str], processes: int, threads: int, seed: int
     out = Path(argv[argv.index("--out") + 1])
     record = json.loads((out / "run.json").read_text())
     t = record["throughput"]
-    accuracy = {b: m["test_acc"] for b, m in record["metrics"]["final"].items()}
+    accuracy = {b: m["accuracy"] for b, m in record["metrics"]["final"].items()}
     return {
         "run": label, "processes": processes, "threads_per_process": threads, "seed": seed,
         "command": " ".join(shlex.quote(c) for c in cmd[1:]), "process_wall_s": wall,

@@ -4,7 +4,8 @@ tests/test_distributed.py.
 It registers a tiny network without BatchNorm (``tiny-nobn``: per-rank batch statistics would make a
 two-process run differ from a one-process one by design), joins the process group once, runs every
 command given as a JSON list of argument lists, and can make one rank fail at the start of an epoch
-(``--fail RANK:EPOCH``) or give one rank more arguments in one command (``--rank-args RANK INDEX JSON``).
+(``--fail RANK:EPOCH``), make one rank's losses NaN (``--nan RANK:EPOCH``) or give one rank more arguments
+in one command (``--rank-args RANK INDEX JSON``).
 
     torchrun --standalone --nproc-per-node 2 tests/dist_driver.py '[["train", ...]]'
 """
@@ -61,6 +62,25 @@ def inject_failure(rank: int, epoch: int) -> None:
     trainer_module.MultiBitTrainer._train_epoch = failing
 
 
+def inject_nan(rank: int, epoch: int) -> None:
+    """Rank ``rank``'s step losses read as NaN from epoch ``epoch`` (0-based) on: a divergence only one rank sees."""
+    original = trainer_module.MultiBitTrainer._train_epoch
+
+    def diverging(self, e):
+        if self.dist.rank == rank and e >= epoch and not getattr(self.step, "nan_injected", False):
+            run_bit = self.step.run_bit
+
+            def nan_bit(*args, **kwargs):
+                result = run_bit(*args, **kwargs)
+                result.loss = result.loss * float("nan")
+                return result
+
+            self.step.run_bit, self.step.nan_injected = nan_bit, True
+        return original(self, e)
+
+    trainer_module.MultiBitTrainer._train_epoch = diverging
+
+
 def run(commands: list[list[str]]) -> int:
     """Every command in turn (a failing one does not stop the others); the first non-zero status."""
     register()
@@ -72,6 +92,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("commands")
     parser.add_argument("--fail", help="RANK:EPOCH")
+    parser.add_argument("--nan", help="RANK:EPOCH: that rank's losses are NaN from that epoch on")
     parser.add_argument("--rank-args", nargs=3, metavar=("RANK", "INDEX", "JSON"),
                         help="extra arguments for one rank in command INDEX")
     args = parser.parse_args()
@@ -82,6 +103,8 @@ if __name__ == "__main__":
         commands[int(args.rank_args[1])] += json.loads(args.rank_args[2])
     if args.fail:
         inject_failure(*(int(v) for v in args.fail.split(":")))
+    if args.nan:
+        inject_nan(*(int(v) for v in args.nan.split(":")))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:   # one process group for all the commands
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:

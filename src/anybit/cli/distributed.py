@@ -7,13 +7,14 @@ import os
 
 from anybit.train.distributed import DEFAULT_TIMEOUT_S, DistContext, init_distributed, launched_by_torchrun
 
-from .common import CLIError, resolve_device
+from .common import CLIError, positive_float, resolve_device, strict_int
 
 IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+MAX_WORKERS = 256           # data-loading processes per training process
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others at any synchronisation before "
                         "the job fails (default: %(default)g)")
 
@@ -33,14 +34,11 @@ def start(args: argparse.Namespace) -> DistContext:
 
 def workers_arg(text: str) -> int | str:
     """``--workers``: ``auto`` or a number of processes."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a number of processes") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    if text.strip() == "auto":
+        return "auto"
+    value = strict_int(text, "'auto' or a number of processes")
+    if not 0 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more (and at most {MAX_WORKERS})")
     return value
 
 

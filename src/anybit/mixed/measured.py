@@ -17,7 +17,7 @@ from torch import nn
 from ..progress import progress
 from ..quant import get_precision, set_precision
 from .bitmap import apply_allocation
-from .calib import calibration_batches, check_loss, dataset_loss, float_targets
+from .calib import calibration_batches, check_loss, dataset_loss, dataset_loss_sum, float_targets
 from .errors import MixedPrecisionError
 from .setup import LayerSetup
 from .solver import Allocation
@@ -55,15 +55,14 @@ def pick_measured(
     model.eval()
     try:
         targets = float_targets(model, batches)
-        samples = sum(x.shape[0] for x, _ in batches)
         for alloc in progress(candidates, desc="measure candidates", quiet=quiet or (ranks and not ranks.is_main)):
             apply_allocation(model, alloc, layer_setup)
             if ranks is None:
                 alloc.measured_loss = dataset_loss(model, batches, targets, loss)
-            else:   # loss sums and sample counts of every rank's batches
-                local = dataset_loss(model, batches, targets, loss) * samples if samples else 0.0
-                total = ranks.all_reduce_(torch.tensor([local, float(samples)], dtype=torch.float64))
-                alloc.measured_loss = float(total[0] / total[1])
+            else:   # loss sums and counts (samples or tokens) of every rank's batches
+                local = dataset_loss_sum(model, batches, targets, loss)
+                total = ranks.all_reduce_(torch.tensor(local, dtype=torch.float64))
+                alloc.measured_loss = float(total[0] / total[1].clamp_min(1))
     finally:
         set_precision(model, saved)
         model.train(was_training)
