@@ -16,7 +16,10 @@ from .bitlist import parse_bit_list
 from .calibrate import calibrate_activations
 from .functional import FLOAT_BITS, VALID_BITS, BitsError, check_bits, round_ste, weight_bias_correction
 from .modules import (
+    ACTIVATION_ROLES,
     QUANT_LAYER_TYPES,
+    ActivationPoint,
+    QuantAct,
     QuantConv2d,
     QuantLinear,
     QuantModule,
@@ -39,7 +42,7 @@ from .quantizers import ActQuantizer, RangeNotCalibratedError, WeightQuantizer
 from .spec import QuantSpec, SpecError
 
 __all__ = [
-    "ActQuantizer", "BitsError", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
+    "ACTIVATION_ROLES", "ActivationPoint", "QuantAct", "ActQuantizer", "BitsError", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
     "UNTRAINED_RULES", "bn_state", "quantization_step", "restore_bn_state", "stats_key", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
     "NothingToQuantizeError", "QUANT_LAYER_TYPES", "QuantConv2d", "QuantLinear", "QuantModule",
     "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .functional import FLOAT_BITS
+from .modules import QuantAct
 from .precision import quant_layers
 
 
@@ -17,12 +18,16 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     """Set every quantizable layer's shared activation range to the min/max of its float inputs
     over ``data`` (batches of ``(x, y)`` or ``x``); returns the number of layers calibrated.
 
-    Layers run in float while observing; switchable BatchNorms stay at the model's current precision.
-    A single tensor is taken as one batch of inputs.
+    Quantized attention matmul inputs (:class:`~anybit.quant.QuantAct` of role ``"matmul"``) are
+    calibrated too; probabilities and softmax inputs keep their fixed grids. Layers run in float while
+    observing; switchable BatchNorms stay at the model's current precision. A single tensor is taken as
+    one batch of inputs.
     """
     if isinstance(data, torch.Tensor):
         data = [data]
     layers = quant_layers(model)
+    observed = {**layers, **{name: m for name, m in model.named_modules()
+                             if isinstance(m, QuantAct) and m.role == "matmul"}}
     lows: dict[str, torch.Tensor] = {}
     highs: dict[str, torch.Tensor] = {}
 
@@ -34,7 +39,7 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
             highs[name] = torch.maximum(highs[name], hi) if name in highs else hi
         return hook
 
-    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
+    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in observed.items()]
     was_training = model.training
     model.eval()
     saved = {name: (layer.w_bits, layer.a_bits) for name, layer in layers.items()}
@@ -55,5 +60,5 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     if not lows:
         raise ValueError("calibrate_activations got no data: pass a non-empty loader of (x, y) or x batches")
     for name, lo in lows.items():
-        layers[name].input_quant.init_range(lo, highs[name])
+        observed[name].input_quant.init_range(lo, highs[name])
     return len(lows)
