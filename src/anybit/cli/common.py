@@ -88,6 +88,11 @@ def check_model_fits(model: torch.nn.Module, dataset) -> None:
     if classes is not None and classes != getattr(dataset, "num_classes", classes):
         raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {dataset.num_classes}; "
                        f"use the dataset it was trained for (--dataset, --data-option)")
+    size = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("image_size")
+    data_size = getattr(dataset, "image_size", None)
+    if size is not None and data_size is not None and size != data_size:
+        raise CLIError(f"the checkpoint takes {size}x{size} images but {name} gives {data_size}x{data_size}; use the "
+                       f"image size it was trained with (--data-option image_size={size})")
     first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     channels = getattr(dataset, "in_channels", None)
     if first_conv is not None and channels is not None and first_conv.in_channels != channels:

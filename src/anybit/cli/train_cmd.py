@@ -37,9 +37,13 @@ def add_parser(subparsers) -> None:
                     "bit-wise coreset), anyprecision (one BatchNorm per bit-width), dedicated (one model per "
                     "bit-width). Evaluates on the test split after each epoch.",
     )
-    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56 or torchvision.<name> "
-                                                       "(default: %(default)s)")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the CIFAR ResNets (default: 1)")
+    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56, vit_tiny or "
+                                                       "torchvision.<name> (default: %(default)s)")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="width multiplier: of the CIFAR ResNets' channels, of vit_tiny's embed_dim (default: 1)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, repeatable (vit_tiny: patch_size=7, embed_dim=96, depth=6, num_heads=3, "
+                        "mlp_ratio=4, pool=cls); the classes, input channels and image size come from the dataset")
     add_data_args(p)
     add_data_option_arg(p, "synthetic: num_samples=512")
     p.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N samples")
@@ -90,13 +94,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def parse_data_options(items: list[str]) -> dict:
+def parse_data_options(items: list[str], flag: str = "--data-option", example: str = "image_size=28") -> dict:
     """``["num_samples=512", ...]`` → ``{"num_samples": 512}`` (ints and floats converted)."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--data-option {item!r} is not KEY=VALUE (e.g. --data-option image_size=28)")
+        if not sep or not key.strip():
+            raise CLIError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} {example})")
         for convert in (int, float):
             try:
                 value = convert(value)
@@ -104,6 +108,28 @@ def parse_data_options(items: list[str]) -> dict:
             except ValueError:
                 pass
         options[key.strip()] = value
+    return options
+
+
+# Model arguments the dataset decides (and --width); --model-option may not set them.
+_FROM_DATA = {"num_classes": "the dataset's classes", "in_channels": "the dataset's channels",
+              "image_size": "the dataset's image size (--data-option image_size=N where the dataset takes it)",
+              "width": "--width"}
+
+
+def parse_model_options(args: argparse.Namespace) -> dict:
+    """``--model-option KEY=VALUE`` as keyword arguments of the model's builder, checked against what it takes."""
+    options = parse_data_options(args.model_option, "--model-option", "patch_size=7")
+    taken = [k for k in options if k in _FROM_DATA]
+    if taken:
+        raise CLIError(f"--model-option {taken[0]} is not a model option here: it comes from {_FROM_DATA[taken[0]]}")
+    accepted = models.parameters(args.model)   # raises UnknownModelError for an unknown name
+    if accepted is not None:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            allowed = [k for k in accepted if k not in _FROM_DATA]
+            raise CLIError(f"--model-option {unknown[0]} is not an option of {args.model}: it takes "
+                           f"{', '.join(allowed) if allowed else 'none'}")
     return options
 
 
@@ -133,12 +159,13 @@ def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
         raise CLIError("--dataset is required: fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
     options = parse_data_options(args.data_option)
     info = anydata.dataset_info(args.dataset, **options)
-    if not (args.model.startswith("torchvision.") or args.model in models.available()):
-        models.create(args.model)  # raises UnknownModelError with suggestions
+    model_options = parse_model_options(args)
     if args.width <= 0:
         raise CLIError(f"--width {args.width} must be positive")
     run_info = {"model": args.model, "width": args.width, "dataset": info["name"], "data_options": options,
                 "train_subset": args.train_subset, "test_subset": args.test_subset}
+    if model_options:
+        run_info["model_options"] = model_options
     out = Path(args.out)
     if args.resume:
         if args.overwrite:
@@ -156,11 +183,15 @@ def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
 
 
 def build_model(args: argparse.Namespace, info: dict, num_classes: int):
-    """The float model named by --model, for the dataset's classes and channels."""
+    """The float model named by --model, for the dataset's classes, channels and (where the model takes it)
+    image size, with --width and --model-option."""
     kwargs = {"num_classes": num_classes, "in_channels": info["in_channels"]}
-    if not args.model.startswith("torchvision."):
+    accepted = models.parameters(args.model) or ()
+    if "width" in accepted:
         kwargs["width"] = args.width
-    return models.create(args.model, **kwargs)
+    if "image_size" in accepted:
+        kwargs["image_size"] = info["image_size"]
+    return models.create(args.model, **kwargs, **parse_model_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
