@@ -278,7 +278,7 @@ def doc_lines(report: dict) -> list[str]:
         "</details>",
         "",
         "Raw results: `benchmarks/results/bn_statistics.json`. What this means for training and the options "
-        "it leaves: [training.md](training.md#one-shared-set-of-batchnorm-statistics).",
+        "it leaves: [training.md](training.md#batchnorm-statistics-per-precision).",
     ]
 
 

@@ -358,7 +358,8 @@ def write_plot(path: Path, results: dict) -> None:
     titles = {"multibit": "(a) multi-bit (emqnet), no calibration", "ptq": "(b) PTQ, min/max calibration per option"}
     for i, (name, r) in enumerate(results.items()):
         ax = fig.add_subplot(1, len(results), i + 1)
-        mixed.draw_pareto(ax, r["pareto"], "size", titles.get(name, name), r["float_top1"])
+        rows = [{**p, "accuracy": p["top1"]} for p in r["pareto"]]   # the library's row schema
+        mixed.draw_pareto(ax, rows, "size", titles.get(name, name), r["float_top1"])
         shown = [p["top1"] for p in r["pareto"] if p["method"] != "uniform" or p["relative_cost"] >= 0.08]
         shown.append(r["float_top1"])
         ax.set_ylim(max(0, min(shown) - 5), min(100, max(shown) + 2))

@@ -242,7 +242,7 @@ def doc_lines(command, float_top1, test_n, model_info, results, targets, table, 
         f"Calibration: {report['calib_size']} training images, no labels. Weights per-channel asymmetric, "
         f"activations per-tensor, first and last layer at 8 bits. AdaQuant: {settings['iters'] if args.iters is None else args.iters} "
         f"Adam steps per layer, mini-batch {settings['batch_size']}, lr (relative, per step) weight "
-        f"{settings['lr_weight']} steps, bias {settings['lr_bias']} output std, weight range {settings['lr_weight_range']}, "
+        f"{settings['lr_weight'] or ptq.layerwise.DEFAULT_LR_WEIGHT} steps, bias {settings['lr_bias']} output std, weight range {settings['lr_weight_range']}, "
         f"activation range {settings['lr_act_range']} steps; bias tuning {settings['bias_iters']} Adam steps, lr "
         f"{settings['bias_lr']}, mini-batch {settings['bias_batch_size']}; BN tuning mini-batch {settings['bn_batch_size']}.",
         "",

@@ -79,8 +79,9 @@ def main(argv=None) -> int:
         "anyprecision: the same, one BatchNorm per bit-width": method_spec("anyprecision"),
         "emqnet: DoReFa + weight bias correction, clipped float path, per-precision BatchNorm statistics":
             method_spec("emqnet"),
-        "DoReFa, learned activation range": anybit.QuantSpec(weight="dorefa"),
-        "symmetric per-channel": anybit.QuantSpec(weight="symmetric"),
+        "DoReFa, learned activation range, every layer quantized": anybit.QuantSpec(weight="dorefa",
+                                                                                    keep_first_last=None),
+        "symmetric per-channel, every layer quantized": anybit.QuantSpec(weight="symmetric", keep_first_last=None),
     }
     rows, results = [], {}
     for label, spec in configs.items():

@@ -9,7 +9,7 @@ float model (``dedicated-32``) gives the cost of training a single network. emqn
 measured afterwards on the test set: the trained bit-widths, and the untrained 3, 5 and 6 bits (emqnet
 with each rule for deriving BatchNorm statistics, no data; anyprecision after BN re-calibration).
 
-    python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 25 minutes on 2 idle cores
+    python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 40 minutes on 2 idle cores
     python benchmarks/training_cost.py --long      # CPU, nearer convergence, under an hour
     python benchmarks/training_cost.py --full --data-dir DIR --device cuda   # CIFAR-10, 5x width, 200 epochs
 
@@ -59,14 +59,15 @@ RUNS = {
                        {"distill": "from-top"}),
     "emqnet-full-steps": ("as many steps per epoch as full data (smaller per-bit batches)", "emqnet",
                           {"coreset_steps": "full"}),
+    "emqnet-lr-x2": ("twice the learning rate (fewer steps per epoch)", "emqnet", {"lr_x": 2}),
 }
-DEFAULT_RUNS = ("anyprecision", "dedicated-32", "emqnet", "emqnet-equal-epochs", "emqnet-2x", "emqnet-single-set",
-                "emqnet-el2n", "emqnet-distill")
+DEFAULT_RUNS = ("anyprecision", "anyprecision-recursive", "dedicated-32", "emqnet", "emqnet-equal-epochs", "emqnet-2x", "emqnet-single-set",
+                "emqnet-el2n", "emqnet-distill", "emqnet-full-steps", "emqnet-lr-x2")
 
 QUICK = dict(dataset="fashion-mnist", image_size=28, model="resnet20", width=0.5, bits="1,2,4,8,32", epochs=10,
              emqnet_epochs=12, train_subset=5000, test_subset=2000, batch_size=32, lr=0.05, device="cpu",
              threads=1, runs=",".join(DEFAULT_RUNS))
-LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=12000, test_subset=5000,
+LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=10000, test_subset=5000,
             runs="anyprecision,dedicated-32,emqnet,emqnet-2x")
 FULL = dict(dataset="cifar10", image_size=0, model="resnet20", width=5.0, bits="1,2,4,8,32", epochs=200,
             emqnet_epochs=240, train_subset=0, test_subset=0, batch_size=128, lr=0.1, device="cuda", threads=0,
@@ -108,12 +109,13 @@ def build_run(name: str, args, train):
     _, method, extra = RUNS[name]
     extra = dict(extra)
     scale = extra.pop("epochs_x", None)
+    lr = args.lr * extra.pop("lr_x", 1)
     epochs = args.epochs
     if method == "emqnet":
         epochs = args.emqnet_epochs if scale is None else (args.epochs * scale if scale else args.epochs)
     torch.manual_seed(args.seed)
     model = create(args.model, width=args.width, num_classes=train.num_classes, in_channels=train.in_channels)
-    settings = dict(bits=tuple(args.bits), epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    settings = dict(bits=tuple(args.bits), epochs=epochs, batch_size=args.batch_size, lr=lr, seed=args.seed,
                     eval_every=0, method=method)
     return model, TrainConfig(**{**settings, **extra})
 

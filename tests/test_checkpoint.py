@@ -245,7 +245,7 @@ def test_switchable_bn_without_float_key_round_trip(tmp_path):
     # bn_bits without 32: float precision has no BN of its own and says so instead of borrowing
     # another precision's; at a trained precision the checkpoint restores the active BN
     model = create("resnet20", width=0.25)
-    anybit.convert(model, bn="switchable", bn_bits=(2, 4))
+    anybit.convert(model, bn="switchable", bn_bits=(2, 4), keep_first_last=None)
     model.eval()
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(PrecisionNotTrainedError, match="'32'"):

@@ -18,7 +18,7 @@ from anybit.models import create
 def checkpoint(tmp_path):
     """A converted width-0.25 ResNet-20 for 1-channel synthetic data, ranges initialised at 4 bits."""
     torch.manual_seed(0)
-    model = anybit.convert(create("resnet20", width=0.25, in_channels=1))
+    model = anybit.convert(create("resnet20", width=0.25, in_channels=1), keep_first_last=None)
     data = anybit.data.load("synthetic", "train", channels=1, num_samples=16)
     model.train()
     with anybit.precision(model, 4):

@@ -86,12 +86,12 @@ def test_emqnet_and_dedicated_evaluate_untrained_bits(tmp_path, capsys):
     (["--bits", "0,4"], "not a valid bit-width"),
     (["--bits", "4,17"], "not a valid bit-width"),
     (["--bits", "64"], "not a valid bit-width"),
-    (["--method", "lsq"], "method='lsq' is unknown"),
+    (["--method", "lsq"], "--method 'lsq' is unknown"),
     (["--model", "resnet21"], "unknown model 'resnet21'"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--coreset-fraction", "0"], "coreset_fraction=0.0 must be in (0, 1]"),
-    (["--coreset-fraction", "1.2"], "coreset_fraction=1.2 must be in (0, 1]"),
-    (["--distill", "sideways"], "distill='sideways' is unknown"),
+    (["--coreset-fraction", "0"], "argument --coreset-fraction: '0' must be a fraction in (0, 1]"),
+    (["--coreset-fraction", "1.2"], "argument --coreset-fraction: '1.2' must be a fraction in (0, 1]"),
+    (["--distill", "sideways"], "--distill 'sideways' is unknown"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setattr("anybit.data.load", _must_not_run)
@@ -145,7 +145,7 @@ def test_cli_resume_matches_uninterrupted_run(anyprecision_run, tmp_path, monkey
     a, b = load_file(str(anyprecision_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     final = [json.loads((d / "run.json").read_text())["metrics"]["final"] for d in (anyprecision_run, out)]
-    assert [{b: m["test_acc"] for b, m in f.items()} for f in final][0] == {b: m["test_acc"] for b, m in final[1].items()}
+    assert [{b: m["accuracy"] for b, m in f.items()} for f in final][0] == {b: m["accuracy"] for b, m in final[1].items()}
 
 
 def _must_not_run(*args, **kwargs):
@@ -168,5 +168,5 @@ def test_the_last_epoch_line_reports_what_eval_reports_for_the_checkpoint(tmp_pa
     evaluated = json.loads((out / "eval" / "run.json").read_text())["metrics"]
     trained = json.loads((out / "run.json").read_text())["metrics"]["final"]
     for b in ("1", "2", "32"):
-        assert trained[b]["test_acc"] == evaluated[b]["accuracy"]
+        assert trained[b]["accuracy"] == evaluated[b]["accuracy"]
         assert f"{b}b {evaluated[b]['accuracy']:.1f}%" in last_line

@@ -88,7 +88,7 @@ def test_resnet18_torchvision():
     assert len(report["converted"]) == 21
     assert report["converted"][0] == "conv1" and report["converted"][-1] == "fc"
     assert "layer2.0.downsample.0" in report["converted"]
-    assert report["unsupported"] == [] and report["skipped"] == [] and report["pinned"] == []
+    assert report["unsupported"] == [] and report["skipped"] == [] and report["pinned"] == ["conv1", "fc"]
     assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
 
 

@@ -12,6 +12,11 @@ from torch import nn
 import anybit
 import anybit.data
 from anybit.train.coreset import BitwiseCoresetSampler, CoresetError, overlap, sampling_weights
+
+
+def scored(*args, score: str = "el2n", **kwargs) -> BitwiseCoresetSampler:
+    """A sampler that draws by scores (the class's default is uniform subsets, score="random")."""
+    return BitwiseCoresetSampler(*args, score=score, **kwargs)
 from anybit.train.scores import SCORE_NAMES, ForgettingTracker, el2n, entropy, grand, score_dataset
 
 BITS = [1, 2, 4, 8, 32]
@@ -93,7 +98,7 @@ def _with_scores(sampler: BitwiseCoresetSampler, bits=BITS, seed=0) -> BitwiseCo
 
 @pytest.mark.parametrize("n,fraction,size", [(1000, 0.2, 200), (7, 0.3, 2), (10, 0.0001, 1), (50, 1 / 3, 17)])
 def test_subset_sizes_are_exact(n, fraction, size):
-    sampler = _with_scores(BitwiseCoresetSampler(n, fraction))
+    sampler = _with_scores(scored(n, fraction))
     for epoch in range(3):
         plan = sampler.plan_epoch(epoch, BITS)
         assert set(plan) == set(BITS)
@@ -103,18 +108,18 @@ def test_subset_sizes_are_exact(n, fraction, size):
 
 
 def test_disjoint_when_fraction_times_bits_at_most_one():
-    sampler = _with_scores(BitwiseCoresetSampler(1000, 0.2))
+    sampler = _with_scores(scored(1000, 0.2))
     for epoch in range(3):
         plan = sampler.plan_epoch(epoch, BITS)
         union = torch.cat(list(plan.values()))
         assert union.unique().numel() == 1000  # 5 x 200: a partition of the data
         assert overlap(plan) == 0.0
-    plan = BitwiseCoresetSampler(1000, 0.1).plan_epoch(0, BITS)  # warm-up (no scores) too
+    plan = scored(1000, 0.1).plan_epoch(0, BITS)  # warm-up (no scores) too
     assert torch.cat(list(plan.values())).unique().numel() == 500
 
 
 def test_overlap_is_spread_evenly_when_unavoidable():
-    sampler = _with_scores(BitwiseCoresetSampler(100, 0.5), bits=[2, 4, 8])
+    sampler = _with_scores(scored(100, 0.5), bits=[2, 4, 8])
     plan = sampler.plan_epoch(0, [2, 4, 8])
     uses = torch.bincount(torch.cat(list(plan.values())), minlength=100)
     assert int(uses.min()) == 1 and int(uses.max()) == 2  # 150 draws over 100 samples: each used once or twice
@@ -123,7 +128,7 @@ def test_overlap_is_spread_evenly_when_unavoidable():
 
 
 def test_subsets_differ_across_bits_and_epochs():
-    sampler = _with_scores(BitwiseCoresetSampler(500, 0.1))
+    sampler = _with_scores(scored(500, 0.1))
     a, b = sampler.plan_epoch(3, BITS), sampler.plan_epoch(4, BITS)
     for bits in BITS:
         assert set(a[bits].tolist()) != set(b[bits].tolist())
@@ -136,7 +141,7 @@ def test_every_sample_keeps_a_chance_and_scores_matter():
     scores[20:] = 1.0  # half the samples score 0
     w = sampling_weights(scores, n)
     assert bool((w > 0).all())
-    sampler = BitwiseCoresetSampler(n, 0.25)
+    sampler = scored(n, 0.25)
     sampler.scores = {4: scores}
     counts = torch.zeros(n)
     for epoch in range(200):
@@ -148,7 +153,7 @@ def test_every_sample_keeps_a_chance_and_scores_matter():
 
 
 def test_warmup_plans_are_random_and_bitwise_different():
-    sampler = BitwiseCoresetSampler(300, 0.2, warmup=2)
+    sampler = scored(300, 0.2, warmup=2)
     sampler.scores = {b: torch.linspace(0, 1, 300) for b in BITS}  # ignored before epoch 2
     assert torch.equal(sampler.weights(4, 1), torch.ones(300))
     assert not torch.equal(sampler.weights(4, 2), torch.ones(300))
@@ -157,29 +162,29 @@ def test_warmup_plans_are_random_and_bitwise_different():
 
 
 def test_determinism_and_state_round_trip():
-    one = _with_scores(BitwiseCoresetSampler(400, 0.2, seed=7))
-    two = _with_scores(BitwiseCoresetSampler(400, 0.2, seed=7))
+    one = _with_scores(scored(400, 0.2, seed=7))
+    two = _with_scores(scored(400, 0.2, seed=7))
     for epoch in range(3):
         p, q = one.plan_epoch(epoch, BITS), two.plan_epoch(epoch, list(reversed(BITS)))
         assert all(torch.equal(p[b], q[b]) for b in BITS)
-    other = _with_scores(BitwiseCoresetSampler(400, 0.2, seed=8))
+    other = _with_scores(scored(400, 0.2, seed=8))
     assert not torch.equal(one.plan_epoch(0, BITS)[4], other.plan_epoch(0, BITS)[4])
 
     state = one.state_dict()
     json.dumps(state["config"]), json.dumps(state["scored_epochs"])
-    fresh = BitwiseCoresetSampler(400, 0.2, seed=7)
+    fresh = scored(400, 0.2, seed=7)
     fresh.load_state_dict(state)
     for epoch in (5, 6):
         p, q = one.plan_epoch(epoch, BITS), fresh.plan_epoch(epoch, BITS)
         assert all(torch.equal(p[b], q[b]) for b in BITS)
     with pytest.raises(CoresetError, match="seed: saved 7, now 9"):
-        BitwiseCoresetSampler(400, 0.2, seed=9).load_state_dict(state)
+        scored(400, 0.2, seed=9).load_state_dict(state)
 
 
 def test_rank_sharding_partitions_the_subset():
     for n, world in ((1000, 4), (1010, 4)):  # subset 200 (divisible) and 202 (padded to 204)
-        full = _with_scores(BitwiseCoresetSampler(n, 0.2)).global_plan(1, BITS)
-        shards = [_with_scores(BitwiseCoresetSampler(n, 0.2, rank=r, world_size=world)).plan_epoch(1, BITS)
+        full = _with_scores(scored(n, 0.2)).global_plan(1, BITS)
+        shards = [_with_scores(scored(n, 0.2, rank=r, world_size=world)).plan_epoch(1, BITS)
                   for r in range(world)]
         for b in BITS:
             sizes = {s[b].numel() for s in shards}
@@ -210,11 +215,11 @@ def test_full_fraction_and_bad_names():
 
 
 def test_scoring_schedule():
-    sampler = BitwiseCoresetSampler(10, 0.5, warmup=2, refresh=3)
+    sampler = scored(10, 0.5, warmup=2, refresh=3)
     assert [sampler.needs_scoring(e) for e in range(3)] == [False, False, True]
     sampler.scores, sampler.scored_epochs = {4: torch.ones(10)}, [2]
     assert [sampler.needs_scoring(e) for e in range(2, 10)] == [False, False, False, True, False, False, True, False]
-    once = BitwiseCoresetSampler(10, 0.5)
+    once = scored(10, 0.5)
     assert once.needs_scoring(0)
     once.scores, once.scored_epochs = {4: torch.ones(10)}, [0]
     assert not any(once.needs_scoring(e) for e in range(10))
@@ -226,7 +231,7 @@ def _tiny_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    return anybit.convert(model, act="fixed", act_range=(0.0, 2.0))
+    return anybit.convert(model, act="fixed", act_range=(0.0, 2.0), keep_first_last=None)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +291,7 @@ def test_forgetting_and_random_through_update_scores(synthetic):
     acct = rand.update_scores(model, synthetic, [2, 32], epoch=0, device="cpu")
     assert acct["samples_scored"] == 0 and rand.scores == {}
     with pytest.raises(CoresetError, match="num_samples=10"):
-        BitwiseCoresetSampler(10).update_scores(model, synthetic, [2], epoch=0, device="cpu")
+        scored(10).update_scores(model, synthetic, [2], epoch=0, device="cpu")
     assert set(SCORE_NAMES) == {"el2n", "grand", "entropy", "forgetting", "random"}
 
 
@@ -306,8 +311,8 @@ def test_build_sampler_from_trainer_options():
 def test_untrained_learned_ranges_skip_scoring_until_next_epoch(synthetic):
     torch.manual_seed(0)
     model = anybit.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                         nn.Linear(4, 10)))  # learned activation ranges, never trained
-    sampler = BitwiseCoresetSampler(len(synthetic), 0.25)
+                                         nn.Linear(4, 10)), keep_first_last=None)  # learned ranges, never trained
+    sampler = scored(len(synthetic), 0.25)
     with pytest.warns(UserWarning, match="skipped"):
         info = sampler.update_scores(model, synthetic, [2, 32], epoch=0, device="cpu")
     assert info["samples_scored"] == 0 and info["skipped"] and sampler.scores == {}
@@ -320,9 +325,10 @@ def test_trainer_runs_with_the_sampler(synthetic):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 10))
-    sampler = BitwiseCoresetSampler(len(synthetic), 0.25, warmup=1, batch_size=48)
-    config = TrainConfig(bits=(2, 4, 32), method="emqnet", epochs=2, batch_size=4, eval_every=0)
+    sampler = scored(len(synthetic), 0.25, warmup=1, batch_size=48)
+    config = TrainConfig(bits=(2, 4, 32), method="emqnet", epochs=2, batch_size=4, eval_every=0, coreset_score="el2n",
+                         keep_first_last=None)   # two layers: pinned, they would leave nothing to quantize
     result = MultiBitTrainer(model, synthetic, None, config, sampler=sampler, quiet=True).fit()
     assert sampler.scored_epochs == [1]
     assert [r["overlap"] for r in result["history"]][0] == {"32-4": 0.0, "32-2": 0.0, "4-2": 0.0}
-    assert result["samples"]["2"]["train"] == 2 * 12 and result["samples"]["2"]["scoring"] == 48
+    assert result["samples"][2]["train"] == 2 * 12 and result["samples"][2]["scoring"] == 48

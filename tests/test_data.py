@@ -375,18 +375,26 @@ def test_missing_dataset_lists_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "FASHION_MNIST_SYSTEM_DIR", system)
     monkeypatch.setenv("ANYBIT_DATA", str(env))
     with pytest.raises(DatasetNotFoundError) as info:
-        data.load("fashion-mnist", data_dir=given)
+        data.load("fashion-mnist")
     message = str(info.value)
-    for d in (given, given / "fashion-mnist", env, env / "fashion-mnist", system):
+    for d in (env, env / "fashion-mnist", system):
         assert str(d) in message
     assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
-    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, FileNotFoundError) and "\n" not in message
+    # an explicit directory is the only place looked in: never replaced by $ANYBIT_DATA or the system copy
+    with pytest.raises(DatasetNotFoundError) as info:
+        data.load("fashion-mnist", data_dir=given)
+    message = str(info.value)
+    assert str(given) in message and str(given / "fashion-mnist") in message
+    assert str(env) not in message and str(system) not in message
 
     with pytest.raises(DatasetNotFoundError) as info:
-        data.load("cifar10", "test", data_dir=given)
+        data.load("cifar10", "test")
     message = str(info.value)
-    assert str(given / "cifar-10-batches-py") in message and str(env / "cifar-10-batches-bin") in message
+    assert str(env / "cifar-10-batches-py") in message and str(env / "cifar-10-batches-bin") in message
     assert "torchvision.datasets.CIFAR10(root=" in message and "download=True" in message
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        data.load("cifar10", "test", data_dir=given)
 
 
 def test_bad_names_splits_options():

@@ -427,13 +427,13 @@ def test_load_bit_map_errors(multibit, tmp_path):
 def test_pareto_files(tmp_path):
     rows = [
         {"method": "uniform", "label": "W4A4", "budget": None, "relative_cost": 0.125, "predicted_loss": 0.1,
-         "top1": 80.0, "loss": 0.5},
+         "accuracy": 80.0, "loss": 0.5},
         {"method": "ip", "label": "2:3 4:5", "budget": 0.12, "relative_cost": 0.119, "predicted_loss": 0.08,
-         "top1": 81.0, "loss": 0.45},
+         "accuracy": 81.0, "loss": 0.45},
         {"method": "ip", "label": "4:8", "budget": 0.14, "relative_cost": 0.139, "predicted_loss": 0.05,
-         "top1": 82.0, "loss": 0.4},
+         "accuracy": 82.0, "loss": 0.4},
     ]
-    paths = mixed.write_pareto(tmp_path, rows, "size", "test", float_top1=85.0)
+    paths = mixed.write_pareto(tmp_path, rows, "size", "test", float_accuracy=85.0)
     assert paths["png"].stat().st_size > 1000
     assert paths["csv"].read_text().splitlines()[0].startswith("method,label,budget")
     assert "| uniform" in paths["md"].read_text()

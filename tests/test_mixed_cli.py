@@ -54,7 +54,7 @@ def test_mixed_cli_end_to_end(multibit_run, tmp_path, capsys):
     assert bit_map["conv1"] == (8, 8) and bit_map["fc"] == (8, 8)
     record = json.loads((out / "run.json").read_text())
     alloc = record["metrics"]["allocation"]
-    assert alloc["relative_cost"] <= 0.2 and 0 <= alloc["test"]["top1"] <= 100
+    assert alloc["relative_cost"] <= 0.2 and 0 <= alloc["test"]["accuracy"] <= 100
     assert record["config"]["setup"] == "none" and record["config"]["dataset"] == "synthetic"
     assert not record["metrics"]["sensitivity"]["from_cache"]
     for name in ("pareto.csv", "pareto.md", "pareto.png", "sensitivity.json"):
@@ -102,11 +102,23 @@ def test_mixed_cli_errors_exit_2(multibit_run, tmp_path, capsys):
     assert "--candidates" in capsys.readouterr().err
     assert main(base + ["--sweep", "0.2:0.3:0.1", "--candidates", "3", "--out", str(tmp_path / "f")]) == 2
     assert "does not apply to --sweep alone" in capsys.readouterr().err
-    # A run trained at 32 bits only has no trained low-precision members to allocate: ptq is the way.
+    # emqnet trained at 32 bits only: its float layers clip their inputs, which a float conversion cannot reproduce
     anybit.save(anybit.load(multibit_run), tmp_path / "float-only" / "model",
                 data=anybit.read_metadata(multibit_run)["metadata"]["data"], method="emqnet", bits_trained=[32])
     assert main(["mixed", str(tmp_path / "float-only"), "--budget", "0.2", "--out", str(tmp_path / "g")]) == 2
-    assert "anybit ptq" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    assert "--method dedicated --bits 32" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_mixed_cli_run_trained_at_32_bits_is_a_float_checkpoint(multibit_run, tmp_path):
+    """mixed.md's float-checkpoint route from the command line: a `train --method dedicated --bits 32` run is
+    converted here (per-channel asymmetric weights, first/last pinned) and calibrated per option."""
+    anybit.save(anybit.load(multibit_run), tmp_path / "float32" / "model",
+                data=anybit.read_metadata(multibit_run)["metadata"]["data"], method="dedicated", bits_trained=[32])
+    out = tmp_path / "out"
+    assert main(["mixed", str(tmp_path / "float32"), "--budget", "0.5", "--options", "4,8", "--calib-size", "16",
+                 "--test-size", "16", "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["converted_here"] and record["config"]["setup"] == "minmax"
 
 
 def test_mixed_cli_cache_must_be_a_file_path(multibit_run, tmp_path, capsys):

@@ -227,7 +227,7 @@ def test_eval_of_a_ptq_checkpoint_at_other_precisions(checkpoint, tmp_path, caps
     record = json.loads((ptq_out / "eval" / "run.json").read_text())
     assert record["config"]["calibrated"] == {"activation_ranges": "min/max", "samples": 96}
     # the same min/max ranges over the same images as anybit mixed: the same accuracy it measured
-    assert record["metrics"]["bit_map"]["accuracy"] == pytest.approx(measured["allocation"]["test"]["top1"])
+    assert record["metrics"]["bit_map"]["accuracy"] == pytest.approx(measured["allocation"]["test"]["accuracy"])
 
 
 def test_data_options_for_a_checkpoint_that_records_no_dataset(checkpoint, tmp_path):

@@ -1,38 +1,126 @@
-"""Pieces shared by the subcommands: common options, output directories, device and data."""
+"""Pieces shared by the subcommands: the validation layer for option values (argparse types that
+check bounds before anything is built), common options, device and data."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
+import re
 
 import numpy as np
 import torch
 
+from .errors import CLIError
+from .outdir import MARKER as OUTPUT_MARKER
+from .outdir import check_out_path, close_out_dirs, prepare_out_dir
 
-class CLIError(ValueError):
-    """A command-line usage error; printed without a traceback, exit status 2."""
+__all__ = ["CLIError", "OUTPUT_MARKER", "check_out_path", "close_out_dirs", "prepare_out_dir"]
+
+MAX_COUNT = 2**31 - 1        # the largest count (samples, batches, steps) an option takes
+MAX_SEED = 2**32 - 1
+_INT = re.compile(r"[+-]?[0-9]+\Z")   # ASCII digits only: no "1_6", no non-ASCII digits, no spaces
 
 
+# ---------------------------------------------------------------------- option types (argparse)
+def strict_int(text: str, what: str = "an integer") -> int:
+    """``int(text)`` for plain ASCII decimal integers only (``int`` also takes ``1_6`` and ``٤``)."""
+    if not isinstance(text, str) or not _INT.match(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return int(text)
+
+
+def _int_in(text: str, minimum: int, maximum: int, expected: str) -> int:
+    value = strict_int(text)
+    if not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"{value} must be {expected}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_in(text, 1, MAX_COUNT, f"at least 1 (and at most {MAX_COUNT})")
+
+
+def non_negative_int(text: str) -> int:
+    return _int_in(text, 0, MAX_COUNT, f"0 or more (and at most {MAX_COUNT})")
+
+
+def seed_int(text: str) -> int:
+    return _int_in(text, 0, MAX_SEED, f"a seed in 0..{MAX_SEED}")
+
+
+def bits_int(text: str) -> int:
+    """A bit-width (1..16 or 32), checked by the caller with the flag's name."""
+    return strict_int(text, "a bit-width (1..16 or 32)")
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A fraction in (0, 1]."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in (0, 1], e.g. 0.15")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# ---------------------------------------------------------------------- common options
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--dataset", required=required,
                    help="fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
-    p.add_argument("--data-dir", help="directory holding the dataset (default: $ANYBIT_DATA, then system paths)")
-    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: %(default)s)")
+    p.add_argument("--data-dir", type=non_empty,
+                   help="directory holding the dataset; when given, only it is used (default: $ANYBIT_DATA, then "
+                        "system paths)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size (default: %(default)s)")
 
 
 def add_data_option_arg(p: argparse.ArgumentParser, default_text: str) -> None:
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"dataset option, repeatable (e.g. image_size=28; {default_text})")
+                   help=f"dataset option, repeatable (e.g. image_size=28, augment=false; {default_text})")
 
 
 def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--out", required=out_required, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing anybit output directory (the old one is kept until this run completes)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     add_device_args(p)
 
 
@@ -49,22 +137,56 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{value} must be {expected}")
-    return value
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "at least 1")
+def parse_data_options(items: list[str], flag: str = "--data-option", example: str = "image_size=28") -> dict:
+    """``["num_samples=512", "augment=false"]`` → ``{"num_samples": 512, "augment": False}``: plain
+    integers, finite numbers and true/false are converted; the dataset checks names and ranges.
+    ``flag``/``example`` name the option in messages (``--model-option`` parses the same way)."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise CLIError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} {example})")
+        value: object = text
+        if _INT.match(text):
+            value = int(text)
+        elif text.lower() in _BOOLS:
+            value = _BOOLS[text.lower()]
+        else:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is not None:
+                if not math.isfinite(number):
+                    raise CLIError(f"{flag} {item!r}: {text!r} is not a finite number")
+                value = number
+        options[key] = value
+    return options
 
 
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "0 or more")
+def load_split(name: str, split: str, data_dir: str | None, options: dict, augment: bool | None = None):
+    """``anybit.data.load`` for a command: the ``augment`` dataset option (``--data-option augment=false``)
+    applies to the train split only; ``augment`` given here (calibration data: False) wins over it."""
+    from anybit import data as anydata
+
+    options = dict(options)
+    option = options.pop("augment", None)
+    if augment is None and split == "train":
+        augment = option
+    return anydata.load(name, split, data_dir=data_dir, augment=augment, **options)
+
+
+def data_inputs(data_dir: str | None) -> list[str]:
+    """Directories a command reads data from (its ``--data-dir`` and ``$ANYBIT_DATA``): an ``--out``
+    that holds one of them is refused."""
+    from anybit.data.registry import ENV_VAR
+
+    dirs = [data_dir] if data_dir else []
+    return dirs + [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
 
 
 def subset_of(dataset, n: int | None, flag: str, seed: int, default: int | None = None):
@@ -78,6 +200,11 @@ def subset_of(dataset, n: int | None, flag: str, seed: int, default: int | None 
         raise CLIError(f"{flag} {n} is larger than the {split} split ({len(dataset)} samples): "
                        f"use at most {len(dataset)}, or leave {flag} out to use all of it")
     return dataset.subset(n, seed=seed)
+
+
+def data_source(*datasets) -> dict:
+    """Where each split was read from (recorded in run.json)."""
+    return {getattr(d, "split", str(i)): getattr(d, "source", None) for i, d in enumerate(datasets)}
 
 
 def check_model_fits(model: torch.nn.Module, dataset) -> None:
@@ -101,14 +228,21 @@ def check_model_fits(model: torch.nn.Module, dataset) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N (checked against the GPUs present) or auto."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise CLIError(f"--device {name!r} is not a device: expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {name!r}: anybit runs on cpu or cuda (cuda:N); use --device cpu or auto")
     return device
 
 
@@ -116,87 +250,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-OUTPUT_MARKER = ".anybit-output"   # written into every output directory: what --overwrite may replace
-
-
-@dataclass
-class _OpenOutput:
-    path: Path
-    made_here: bool            # the directory did not exist (or was replaced) before this command
-    replaced: Path | None      # the previous contents, moved aside until the command succeeds
-
-
-_OPEN_OUTPUTS: list[_OpenOutput] = []
-
-
-def prepare_out_dir(path: str | os.PathLike, overwrite: bool, resume: bool = False,
-                    can_resume: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Create the output directory; refuse to reuse a non-empty one unless told to (overwrite/resume).
-
-    ``--overwrite`` replaces only a directory anybit wrote (it holds the output marker or a run.json),
-    never the current directory, one of its parents or the home directory, and only once the command
-    succeeds: until then the old contents are kept aside, and they come back if it fails
-    (:func:`close_out_dirs`). A directory that is or holds one of ``inputs`` is refused.
-    """
-    out = check_out_path(path, inputs)
-    if overwrite and resume:
-        raise CLIError("--overwrite and --resume contradict each other: choose one")
-    made_here, replaced = not out.exists(), None
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise CLIError(
-                f"output directory {out} already exists and is not empty; pass --overwrite to replace it"
-                + (" or --resume to continue it" if can_resume else "")
-            )
-        _check_replaceable(out)
-        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        out.rename(replaced)
-        made_here = True
-    out.mkdir(parents=True, exist_ok=True)
-    if made_here or not any(out.iterdir()):
-        (out / OUTPUT_MARKER).write_text("written by anybit; --overwrite may replace this directory\n")
-    _OPEN_OUTPUTS.append(_OpenOutput(out, made_here, replaced))
-    return out
-
-
-def check_out_path(path: str | os.PathLike, inputs=()) -> Path:
-    """``--out`` as a Path: refused if it is a file, or is or contains one of the command's ``inputs``."""
-    out = Path(path)
-    resolved = out.resolve()
-    for item in inputs:
-        source = Path(item).resolve()
-        if source == resolved or resolved in source.parents:
-            raise CLIError(f"--out {out} holds this command's input {item}; writing there would replace it. "
-                           f"Give another --out")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory; give a directory path (it is created if missing)")
-    return out
-
-
-def _check_replaceable(out: Path) -> None:
-    resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
-        raise CLIError(f"--out {out} is the current directory, one of its parents or the home directory; "
-                       f"--overwrite would delete it. Give a directory of its own for --out")
-    if not ((out / OUTPUT_MARKER).is_file() or (out / "run.json").is_file()):
-        entries = sorted(p.name for p in out.iterdir())
-        raise CLIError(f"--out {out} is not empty and is not an anybit output directory (it holds "
-                       f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); --overwrite replaces only "
-                       f"directories anybit wrote. Choose another --out, or empty it yourself")
-
-
-def close_out_dirs(succeeded: bool) -> None:
-    """After a command: drop replaced contents when it succeeded. When it failed, remove the partial
-    output and put the replaced contents back, unless the output holds a training state that
-    ``--resume`` can continue (then it is kept, and what it replaced is dropped)."""
-    while _OPEN_OUTPUTS:
-        o = _OPEN_OUTPUTS.pop()
-        keep = succeeded or (o.path / "state").is_dir() or not o.made_here
-        if not keep:
-            shutil.rmtree(o.path, ignore_errors=True)
-            if o.replaced is not None:
-                o.replaced.rename(o.path)
-        elif o.replaced is not None:
-            shutil.rmtree(o.replaced, ignore_errors=True)

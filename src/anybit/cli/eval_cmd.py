@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 import anybit
 from anybit import data as anydata
 from anybit import mixed
 from anybit.checkpoint import checkpoint_paths
-from anybit.evaluation import evaluate
-from anybit.quant import parse_bit_list, precision
+from anybit.evaluation import evaluate, evaluate_onnx
+from anybit.quant import BitsError, parse_bit_list, precision
 from anybit.report import RunRecorder, format_table, plot_accuracy_vs_bits
 from anybit.train import nearest_bits, recalibrate_bn, shared_bn_recalibrated
 
 from .common import (
+    load_split,
     MIXED_CALIB_SIZE,
     CLIError,
-    check_model_fits,
-    check_out_path,
     add_data_args,
+    check_model_fits,
+    data_inputs,
+    data_source,
+    parse_data_options,
+    prepare_out_dir,
+    seed_int,
     add_data_option_arg,
     add_device_args,
     add_test_subset_arg,
@@ -37,9 +41,10 @@ def add_parser(subparsers) -> None:
         "eval", help="evaluate a checkpoint at several bit-widths",
         description="Evaluate a checkpoint (a run directory or NAME.safetensors) at each bit-width, including "
                     "bit-widths it was not trained at, and print a table of accuracy per bit-width. A model with "
-                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others; a "
-                    "shared-BN model (emqnet) runs every bit-width as it is, or with --recalibrate-bn re-estimates "
-                    "the shared statistics at each bit-width before evaluating it (the checkpoint is not changed).",
+                    "one BatchNorm per trained bit-width (anyprecision) needs --recalibrate-bn for the others; an "
+                    "emqnet model runs every bit-width as it is (untrained ones with BatchNorm statistics derived "
+                    "from the trained ones), or with --recalibrate-bn re-estimates the statistics at each bit-width "
+                    "before evaluating it (the checkpoint is not changed).",
     )
     p.add_argument("checkpoint", help="run directory or checkpoint path")
     p.add_argument("--bits", help="bit-widths, e.g. 1,2,4,8,32 or 1-8,32 (default: 1-8,32; for a checkpoint "
@@ -49,23 +54,30 @@ def add_parser(subparsers) -> None:
     add_test_subset_arg(p)
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="switchable-BN models: add a BatchNorm for each untrained bit-width (copied from the "
-                        "nearest trained one) and re-estimate its statistics on training data; shared-BN "
-                        "models: re-estimate the shared statistics at each evaluated bit-width")
+                        "nearest trained one) and re-estimate its statistics on training data; emqnet models: "
+                        "re-estimate the statistics used at each evaluated bit-width")
     p.add_argument("--recalibrate-batches", type=positive_int, metavar="N",
                    help=f"with --recalibrate-bn: batches of training data for it (default: {RECALIBRATE_BATCHES})")
     p.add_argument("--bit-map", metavar="FILE",
                    help="evaluate once at a per-layer bit map (bitmap.json written by anybit mixed) "
                         "instead of at uniform --bits")
+    p.add_argument("--onnx", action="store_true",
+                   help="evaluate the ONNX export in CHECKPOINT (a directory written by anybit export --format onnx) "
+                        "on ONNX Runtime")
+    p.add_argument("--threads", type=positive_int, help="--onnx: ONNX Runtime intra-op threads (default: its own)")
     p.add_argument("--out", help="directory for run.json and accuracy.png (default: CHECKPOINT_DIR/eval)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     add_device_args(p)
     p.set_defaults(func=run)
 
 
 def dataset_from_metadata(args: argparse.Namespace, meta: dict) -> tuple[str, dict]:
     """Dataset name and options: from the command line, else from the checkpoint's metadata."""
-    from .train_cmd import parse_data_options
-
+    hf = meta.get("model", {}).get("hf")
+    if isinstance(hf, dict):
+        raise CLIError(f"this is a Hugging Face transformers checkpoint ({hf.get('class')}, from {hf.get('source')}), "
+                       f"not an image classifier: compare it with its float model on text (anybit ptq DIR "
+                       f"--calib-text FILE --test-text FILE, or anybit.evaluation.compare_outputs)")
     saved = meta.get("metadata", {}).get("data", {})
     name = args.dataset or saved.get("dataset")
     if not name:
@@ -98,8 +110,17 @@ def run(args: argparse.Namespace) -> int:
     if args.bit_map and args.recalibrate_bn:
         raise CLIError("--recalibrate-bn applies to uniform --bits, not to a --bit-map; drop one of them")
     args.recalibrate_batches = args.recalibrate_batches or RECALIBRATE_BATCHES
-    bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
-    meta = anybit.read_metadata(args.checkpoint)
+    if args.threads is not None and not args.onnx:
+        raise CLIError("--threads sets ONNX Runtime's threads for --onnx; add --onnx or drop it")
+    if args.onnx:
+        return run_onnx(args)
+    try:
+        bits = parse_bit_list("1-8,32" if args.bits is None else args.bits)   # bad input first, before any file
+    except BitsError as e:
+        raise CLIError(f"--bits: {e}") from None
+    meta = anybit.read_metadata(args.checkpoint, packed=True)
+    if "packed" in meta:
+        return run_packed(args, meta)
     if args.bit_map or (args.bits is None and meta.get("metadata", {}).get("ptq")):
         # a PTQ checkpoint is loaded at the precision it was calibrated at (the checkpoint stores it)
         return run_bit_map(args, meta)
@@ -124,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                                          "recalibrate_batches": args.recalibrate_batches,
                                          "test_subset": args.test_subset})
     with recorder.timed("data"):
-        test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+        test_set = load_split(name, "test", args.data_dir, options)
+        recorder.data["config"]["data_source"] = data_source(test_set)
         test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     with recorder.timed("load"):
         models = load_models(args.checkpoint, meta, bits, device)
@@ -140,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
               "--recalibrate-bn does not apply and is ignored")
     if need_bn or shared_recal:
         with recorder.timed("data"):
-            calib = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
+            calib = load_split(name, "train", args.data_dir, options, augment=False)
             loader = anydata.make_loader(calib, args.batch_size, shuffle=True, seed=args.seed)
         with recorder.timed("recalibrate_bn"):
             for b in need_bn:
@@ -190,7 +212,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     out = eval_out_dir(args)
     model = anybit.load(args.checkpoint).to(device)
     label = "as calibrated (anybit ptq)"
-    test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+    test_set = load_split(name, "test", args.data_dir, options)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     check_model_fits(model, test_set)
     calibrated = None
@@ -199,7 +221,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
         setup = None
         if mixed.needs_calibration(model, {a for _, a in bit_map.values()}):
             # as anybit mixed measured it: min/max ranges over the same calibration images
-            train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **options)
+            train_set = load_split(name, "train", args.data_dir, options, augment=False)
             calib = subset_of(train_set, None, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
             setup = mixed.MinMaxSetup(anydata.make_loader(calib, args.batch_size, shuffle=False), device=device)
             calibrated = {"activation_ranges": "min/max", "samples": len(calib)}
@@ -208,7 +230,7 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     (out / "accuracy.png").unlink(missing_ok=True)   # a previous eval's plot; one precision gives none
     recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "bit_map": args.bit_map or label,
                                          "dataset": name, "options": options, "device": str(device),
-                                         "calibrated": calibrated})
+                                         "calibrated": calibrated, "data_source": data_source(test_set)})
     loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
     with recorder.timed("eval"):
         result = evaluate(model, loader, device, desc="eval bit map", quiet=args.quiet)
@@ -222,6 +244,88 @@ def run_bit_map(args: argparse.Namespace, meta: dict) -> int:
     return 0
 
 
+def _reject_for_exports(args: argparse.Namespace, what: str) -> None:
+    for flag, value in (("--bit-map", args.bit_map), ("--recalibrate-bn", args.recalibrate_bn)):
+        if value:
+            raise CLIError(f"{flag} does not apply to {what}, which runs the precision it was exported at; "
+                           f"use it on the checkpoint the export came from")
+
+
+def run_packed(args: argparse.Namespace, meta: dict) -> int:
+    """``anybit eval DIR`` on a packed export: its precision, or every bit-width of a package (or ``--bits``)."""
+    _reject_for_exports(args, "a packed export")
+    served = [p["bits"] for p in meta["packed"]["precisions"]]
+    if args.bits is None:
+        bits = served
+    else:
+        bits = parse_bit_list(args.bits)
+        missing = [b for b in bits if b not in served]
+        if missing:
+            held = "one per-layer bit map" if served == [None] else f"bit-widths {served}"
+            raise CLIError(f"this packed export holds {held}, not {missing}; leave out --bits to evaluate what it holds")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    name, options = dataset_from_metadata(args, meta)
+    out = eval_out_dir(args)
+    (out / "accuracy.png").unlink(missing_ok=True)
+    recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "packed": True, "bits": bits,
+                                         "dataset": name, "options": options, "device": str(device),
+                                         "test_subset": args.test_subset})
+    test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
+    loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+    results = {}
+    for b in bits:
+        with recorder.timed("load"):
+            model = anybit.load(args.checkpoint, bits=b if len(served) > 1 else None).to(device)
+        check_model_fits(model, test_set)
+        label = "bit map" if b is None else str(b)
+        with recorder.timed("eval"):
+            results[label] = evaluate(model, loader, device, desc=f"eval {label}", quiet=args.quiet)
+    recorder.data["metrics"] = results
+    path = recorder.write()
+    print(format_table(["precision", "top-1 %", "loss", "eval s"],
+                       [[k, r["accuracy"], f"{r['loss']:.4f}", r["seconds"]] for k, r in results.items()]))
+    print(f"wrote {path}")
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """``anybit eval DIR --onnx``: accuracy of the ONNX export on ONNX Runtime."""
+    from anybit.export import onnx_session
+    from anybit.export.onnx_qdq import onnx_paths
+
+    _reject_for_exports(args, "an ONNX export")
+    if args.bits is not None:
+        raise CLIError("--bits does not apply to --onnx: an ONNX export holds one precision")
+    session = onnx_session(args.checkpoint, threads=args.threads)
+    meta = session.sidecar
+    if not meta:
+        raise CLIError(f"{args.checkpoint} has no anybit sidecar (model.json); pass --dataset and run it yourself "
+                       f"with anybit.export.onnx_session")
+    name, options = dataset_from_metadata(args, meta)
+    seed_everything(args.seed)
+    out = eval_out_dir(args, onnx_paths(args.checkpoint))
+    test_set = anydata.load(name, "test", data_dir=args.data_dir, **options)
+    test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
+    expected = meta.get("input_shape")
+    if expected and [test_set.in_channels, test_set.image_size, test_set.image_size] != expected:
+        raise CLIError(f"the ONNX model takes {expected} inputs but {name} gives "
+                       f"{[test_set.in_channels, test_set.image_size, test_set.image_size]}; use the dataset and "
+                       f"options it was exported for (--dataset, --data-option)")
+    recorder = RunRecorder(out, "eval", {"checkpoint": str(args.checkpoint), "onnx": True, "dataset": name,
+                                         "options": options, "threads": args.threads, "test_subset": args.test_subset})
+    loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
+    with recorder.timed("eval"):
+        result = evaluate_onnx(session, loader, quiet=args.quiet)
+    recorder.data["metrics"] = {"onnx": result}
+    path = recorder.write()
+    print(format_table(["model", "top-1 %", "loss", "eval s"],
+                       [["onnx (ONNX Runtime)", result["accuracy"], f"{result['loss']:.4f}", result["seconds"]]]))
+    print(f"wrote {path}")
+    return 0
+
+
 def _check_ptq_bits(model, bits: list[int]) -> None:
     missing = [b for b in bits if mixed.needs_calibration(model, [b])]
     if missing:
@@ -230,24 +334,19 @@ def _check_ptq_bits(model, bits: list[int]) -> None:
                        f"mixed (--bit-map, calibrated here), or calibrate those bit-widths with anybit ptq")
 
 
-def eval_out_dir(args: argparse.Namespace) -> Path:
+def eval_out_dir(args: argparse.Namespace, inputs: tuple | None = None) -> Path:
     """Where eval writes: CHECKPOINT_DIR/eval (each eval replaces the last), or ``--out``, which must not
-    be the checkpoint's directory nor hold another command's output."""
+    be the checkpoint's directory nor hold another command's output (the one output guard: locked while
+    eval writes, the previous eval kept until this one completes)."""
+    own = list(inputs or checkpoint_paths(args.checkpoint))
+    inputs = [*own, *data_inputs(args.data_dir)]
+    if args.bit_map:
+        inputs.append(args.bit_map)
     if not args.out:
-        return checkpoint_paths(args.checkpoint)[0].parent / "eval"
-    out = check_out_path(args.out, checkpoint_paths(args.checkpoint))
-    if out.is_dir() and ((out / "model.safetensors").exists() or (out / "state").exists()
-                         or _recorded_command(out) not in (None, "eval")):
-        raise CLIError(f"--out {out} holds the output of another anybit command; eval would overwrite its "
-                       f"run.json. Give another --out (or leave it out: CHECKPOINT_DIR/eval)")
-    return out
-
-
-def _recorded_command(out: Path) -> str | None:
-    try:
-        return json.loads((out / "run.json").read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
+        default = Path(own[0]).parent / "eval"
+        return prepare_out_dir(default, overwrite=True, inputs=inputs, command="eval", own_only=True,
+                               what=f"eval's output directory {default} (choose another with --out)")
+    return prepare_out_dir(args.out, overwrite=True, inputs=inputs, command="eval", own_only=True)
 
 
 def load_models(checkpoint, meta: dict, bits: list[int], device) -> dict:

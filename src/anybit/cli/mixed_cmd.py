@@ -5,22 +5,38 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 import anybit
 from anybit import data as anydata
-from anybit import mixed
+from anybit import mixed, ptq
 from anybit.checkpoint import checkpoint_paths, write_json
 from anybit.evaluation import evaluate
-from anybit.quant import FLOAT_BITS, QuantSpec, check_bits, precision, quant_layers
+from anybit.quant import (
+    DEFAULT_KEEP_FIRST_LAST,
+    FLOAT_BITS,
+    QuantSpec,
+    check_bits,
+    check_layers_run,
+    precision,
+    quant_layers,
+)
 from anybit.report import RunRecorder, format_table
 
 from .common import (
+    load_split,
     MIXED_CALIB_SIZE,
     CLIError,
-    check_model_fits,
     add_data_args,
+    bits_int,
+    check_model_fits,
+    data_inputs,
+    data_source,
+    fraction,
+    non_empty,
+    finite_float,
     add_data_option_arg,
     add_run_args,
     add_test_subset_arg,
@@ -45,20 +61,22 @@ def add_parser(subparsers) -> None:
                     "table (CSV, Markdown) and plot against uniform bit-widths.",
     )
     p.add_argument("run", metavar="RUN", help="checkpoint or run directory (anything anybit.load reads)")
-    p.add_argument("--budget", type=float,
+    p.add_argument("--budget", type=fraction,
                    help="budget as a fraction of the float model's weight bits (--metric size) or BOPs "
                         "(--metric bops), e.g. 0.15")
     p.add_argument("--metric", choices=mixed.METRICS, default="size",
                    help="what the budget limits: weight size in bits or bit operations (default: %(default)s)")
     p.add_argument("--sweep", metavar="START:STOP:STEP",
                    help="also solve and evaluate a range of budgets, e.g. 0.10:0.30:0.02, for a Pareto curve")
-    p.add_argument("--options", default="2,3,4,8", help="bit-widths to choose from (default: %(default)s)")
-    p.add_argument("--a-bits", type=int,
+    p.add_argument("--options", type=non_empty, default="2,3,4,8",
+                   help="bit-widths to choose from (default: %(default)s)")
+    p.add_argument("--a-bits", type=bits_int,
                    help="fix activation bits for every option (default: activations follow the weight bits)")
     p.add_argument("--objective", choices=("loss", "cost"), default="loss",
                    help="loss: least predicted loss within --budget; cost: least cost with predicted loss "
                         "increase at most --max-loss (default: %(default)s)")
-    p.add_argument("--max-loss", type=float, help="largest predicted loss increase (with --objective cost)")
+    p.add_argument("--max-loss", type=finite_float,
+                   help="largest predicted loss increase (with --objective cost)")
     p.add_argument("--solver", choices=("ip", "greedy"), default="ip",
                    help="integer program or the greedy baseline (default: %(default)s)")
     p.add_argument("--candidates", type=positive_int, default=1, metavar="K",
@@ -76,10 +94,11 @@ def add_parser(subparsers) -> None:
                    help=f"calibration samples from the train split (default: {MIXED_CALIB_SIZE}, or the whole split if "
                         f"it is smaller)")
     add_test_subset_arg(p)
-    p.add_argument("--pin-first-last", type=int, default=8,
+    p.add_argument("--pin-first-last", type=bits_int, default=DEFAULT_KEEP_FIRST_LAST,
                    help="for a float checkpoint (converted here, per-channel asymmetric weights): bit-width of "
                         "the first and last layer, which the allocation leaves alone (default: %(default)s)")
-    p.add_argument("--cache", help="sensitivity cache file (default: RUN_DIR/mixed-cache/sensitivity-<settings>.json)")
+    p.add_argument("--cache", type=non_empty,
+                   help="sensitivity cache file (default: RUN_DIR/mixed-cache/sensitivity-<settings>.json)")
     p.add_argument("--no-cache", action="store_true", help="measure sensitivities again and do not cache them")
     add_data_args(p)
     add_data_option_arg(p, "default: the options the checkpoint records")
@@ -90,8 +109,6 @@ def add_parser(subparsers) -> None:
 def _validate(args: argparse.Namespace) -> dict:
     if args.budget is None and args.sweep is None and args.objective == "loss":
         raise CLIError("give --budget (e.g. --budget 0.15) or --sweep START:STOP:STEP (e.g. 0.10:0.30:0.02)")
-    if args.budget is not None and not 0 < args.budget <= 1:
-        raise CLIError(f"--budget {args.budget} must be a fraction of the float model's cost in (0, 1], e.g. 0.15")
     if args.objective == "cost" and args.max_loss is None:
         raise CLIError("--objective cost needs --max-loss, the largest predicted loss increase allowed")
     if args.max_loss is not None and args.objective != "cost":
@@ -109,10 +126,18 @@ def _validate(args: argparse.Namespace) -> dict:
     if args.cache and (Path(args.cache).is_dir() or not Path(args.cache).resolve().parent.is_dir()):
         raise CLIError(f"--cache {args.cache} must be a file path in an existing directory (the sensitivity "
                        f"cache, JSON), not a directory")
-    sweep = mixed.parse_sweep(args.sweep) if args.sweep else []
+    try:
+        sweep = mixed.parse_sweep(args.sweep) if args.sweep is not None else []
+    except mixed.MixedPrecisionError as e:
+        raise CLIError(f"--{e}") from None
     if any(b > 1 for b in sweep):
         raise CLIError(f"--sweep {args.sweep} goes above 1 (the float model's cost); keep budgets in (0, 1]")
-    options = mixed.resolve_options(args.options, args.a_bits)
+    if args.a_bits is not None:
+        check_bits(args.a_bits, "--a-bits")
+    try:
+        options = mixed.resolve_options(args.options, args.a_bits)
+    except ValueError as e:
+        raise CLIError(f"--options {args.options!r}: {e}") from None
     check_bits(args.pin_first_last, "--pin-first-last")
     return {"sweep": sweep, "options": options}
 
@@ -124,29 +149,40 @@ def _cache_path(args: argparse.Namespace, options, dataset: str, setup_name: str
         return Path(args.cache)
     key = json.dumps({"options": options, "loss": args.loss, "calib": args.calib_size, "seed": args.seed,
                       "dataset": dataset, "setup": setup_name, "pin": args.pin_first_last}, sort_keys=True)
-    folder = checkpoint_paths(args.run)[0].parent / "mixed-cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    run_dir = checkpoint_paths(args.run)[0].parent
+    folder = run_dir / "mixed-cache"       # created when the sensitivity is written, not before
+    if not (folder.is_dir() and os.access(folder, os.W_OK)) and not os.access(run_dir, os.W_OK):
         folder = out
     return folder / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
+def _float_run(meta: dict) -> bool:
+    """A training run whose network was trained at 32 bits only: a float model (converted here for PTQ)."""
+    trained = meta.get("metadata", {}).get("bits_trained")
+    return bool(trained) and all(b >= FLOAT_BITS for b in trained)
+
+
 def _check_allocatable(meta: dict, run) -> None:
-    """A training run whose one model was never trained at a quantized bit-width has no per-layer
-    precisions to choose from (its quantized members are untrained): post-training quantization is the way."""
+    """A dedicated run with several bit-widths holds one model per bit-width, none of which runs at mixed
+    precisions; an emqnet run trained at 32 bits only has float layers that clip their inputs, which a
+    post-training conversion cannot reproduce. A run trained at 32 bits only is a float model: it is
+    converted here like any float checkpoint."""
     info = meta.get("metadata", {})
-    trained = info.get("bits_trained")
-    if info.get("method") == "dedicated" or (trained and all(b >= 32 for b in trained)):
-        what = ("a dedicated run (one model per bit-width, each trained at one)" if info.get("method") == "dedicated"
-                else "a run trained at 32 bits only")
-        raise CLIError(f"{run} is {what}: its network was never trained to run at mixed bit-widths. Quantize it "
-                       f"after training with a budget instead: anybit ptq {run} --pipeline light --budget F --out OUT")
+    if info.get("method") == "dedicated" and not _float_run(meta):
+        raise CLIError(f"{run} is a dedicated run (one model per bit-width, each trained at one): its networks were "
+                       f"never trained to run at mixed bit-widths. Quantize one after training with a budget instead: "
+                       f"anybit ptq {run} --pipeline light --budget F --out OUT")
+    if _float_run(meta) and info.get("method") == "emqnet":
+        raise CLIError(f"{run} was trained with emqnet at 32 bits only: its float layers clip their inputs, which a "
+                       f"post-training conversion cannot reproduce. Train a float model with anybit train --method "
+                       f"dedicated --bits 32, or train emqnet with low bit-widths (a multi-bit network)")
 
 
-def _load_model(args: argparse.Namespace, device):
+def _load_model(args: argparse.Namespace, device, meta: dict):
     model = anybit.load(args.run).to(device).eval()
     converted_here = False
+    if _float_run(meta) and quant_layers(model):
+        model = ptq.float_copy(model).eval()     # its 32-bit layers, as plain float layers
     if not quant_layers(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -158,14 +194,14 @@ def _load_model(args: argparse.Namespace, device):
 
 def _evaluate(model, loader, device, quiet, desc) -> dict:
     r = evaluate(model, loader, device, desc=desc, quiet=quiet)
-    return {"top1": r["accuracy"], "loss": r["loss"], "samples": r["samples"]}
+    return {"accuracy": r["accuracy"], "loss": r["loss"], "samples": r["samples"]}
 
 
 def _row(method: str, label: str, alloc: mixed.Allocation | None, result: dict, relative_cost: float,
          budget: float | None = None) -> dict:
     return {"method": method, "label": label, "budget": budget, "relative_cost": relative_cost,
             "predicted_loss": None if alloc is None else alloc.predicted_loss,
-            "top1": result["top1"], "loss": result["loss"]}
+            "accuracy": result["accuracy"], "loss": result["loss"]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
     meta = anybit.read_metadata(args.run)
     _check_allocatable(meta, args.run)
     name, data_options = dataset_from_metadata(args, meta)
-    out = prepare_out_dir(args.out, args.overwrite, inputs=checkpoint_paths(args.run))
+    out = prepare_out_dir(args.out, args.overwrite, inputs=[*checkpoint_paths(args.run), *data_inputs(args.data_dir)],
+                          command="mixed")
     recorder = RunRecorder(out, "mixed", {
         "run": str(args.run), "budget": args.budget, "metric": args.metric, "sweep": checked["sweep"],
         "options": checked["options"], "objective": args.objective, "max_loss": args.max_loss,
@@ -185,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "seed": args.seed, "device": str(device)})
 
     with recorder.timed("load"):
-        model, converted_here = _load_model(args, device)
-        train_set = anydata.load(name, "train", data_dir=args.data_dir, augment=False, **data_options)
-        test_set = anydata.load(name, "test", data_dir=args.data_dir, **data_options)
+        model, converted_here = _load_model(args, device, meta)
+        train_set = load_split(name, "train", args.data_dir, data_options, augment=False)
+        test_set = load_split(name, "test", args.data_dir, data_options)
+        recorder.data["config"]["data_source"] = data_source(train_set, test_set)
         check_model_fits(model, test_set)
         calib = subset_of(train_set, args.calib_size, "--calib-size", args.seed, default=MIXED_CALIB_SIZE)
         args.calib_size = recorder.data["config"]["calib_size"] = len(calib)
@@ -195,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         test_loader = anydata.make_loader(test_set, args.batch_size, shuffle=False)
         batches = mixed.calibration_batches(anydata.make_loader(calib, args.batch_size, shuffle=False),
                                             args.batch_size, device)
+        left_float = check_layers_run(model, batches[0][0][:1])   # never counted as quantized
 
     options = checked["options"]
     act_bits = sorted({a for _, a in options})
@@ -207,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
                        "for post-training quantization); use --setup minmax (or auto)")
     cache = _cache_path(args, options, name, setup_name, out)
     recorder.data["config"].update({"setup": setup_name, "converted_here": converted_here,
+                                    "left_float": left_float,
                                     "cache": None if cache is None else str(cache)})
     if not args.quiet:
         path = "post-training (min/max calibration per option)" if layer_setup else "multi-bit (no calibration)"
@@ -255,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.solver} allocation: {what} {alloc.relative_cost:.2%} of float"
               + (f" (budget {args.budget:.2%})" if args.budget is not None else "")
               + f", layers {alloc.counts()}, predicted ΔL {alloc.predicted_loss:.4f}, "
-              f"test top-1 {result['top1']:.2f}% ({result['samples']} samples)")
+              f"test top-1 {result['accuracy']:.2f}% ({result['samples']} samples)")
         print(f"wrote {out / 'bitmap.json'}")
 
     if checked["sweep"]:
@@ -292,7 +332,7 @@ def _sweep(args, model, sens, cost, layer_setup, loader, device, budgets, out: P
         counts = " ".join(f"{k}:{v}" for k, v in alloc.counts().items())
         rows.append(_row(args.solver, counts, alloc, result, alloc.relative_cost, alloc.relative_budget))
     title = f"{anybit.read_metadata(args.run).get('model', {}).get('arch', 'model')}: top-1 vs {args.metric}"
-    paths = mixed.write_pareto(out, rows, args.metric, title, float_result["top1"])
+    paths = mixed.write_pareto(out, rows, args.metric, title, float_result["accuracy"])
     print(mixed.pareto_markdown(rows, args.metric))
     for b, reason in skipped:
         print(f"budget {b:.4f} skipped: {reason}")

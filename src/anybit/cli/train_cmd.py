@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
 from anybit import data as anydata
 from anybit import models
-from anybit.quant import parse_bit_list
+from anybit.models import MAX_WIDTH
+from anybit.quant import BitsError, parse_bit_list
 from anybit.train import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, MultiBitTrainer, TrainConfig
-from anybit.train.config import BN_STATS, BN_UNTRAINED, CORESET_STEPS, OPTIMIZERS, SCHEDULES
+from anybit.train.config import BN_STATS, BN_UNTRAINED, CORESET_STEPS, OPTIMIZERS, SCHEDULES, TrainConfigError
 from anybit.train.state import has_state, read_state_header
 from anybit.train.trainer import check_same_config
 
 from .common import (
+    load_split,
     CLIError,
     add_data_args,
     add_data_option_arg,
     add_run_args,
     add_test_subset_arg,
+    data_inputs,
+    data_source,
+    fraction,
+    non_negative_float,
     non_negative_int,
+    parse_data_options,
+    positive_float,
     positive_int,
     prepare_out_dir,
     resolve_device,
     seed_everything,
+    strict_int,
     subset_of,
+    unit_interval,
 )
 
 
@@ -39,8 +50,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56, vit_tiny or "
                                                        "torchvision.<name> (default: %(default)s)")
-    p.add_argument("--width", type=float, default=1.0,
-                   help="width multiplier: of the CIFAR ResNets' channels, of vit_tiny's embed_dim (default: 1)")
+    p.add_argument("--width", type=positive_float, default=1.0,
+                   help=f"width multiplier: of the CIFAR ResNets' channels, of vit_tiny's embed_dim, up to "
+                        f"{MAX_WIDTH:g} (default: 1)")
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, repeatable (vit_tiny: patch_size=7, embed_dim=96, depth=6, num_heads=3, "
                         "mlp_ratio=4, pool=cls); the classes, input channels and image size come from the dataset")
@@ -52,17 +64,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", default="emqnet", help=f"{', '.join(METHOD_NAMES)} (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=5, help="epochs (default: %(default)s)")
     p.add_argument("--optimizer", default="sgd", help=f"{', '.join(OPTIMIZERS)} (default: %(default)s)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.1 for sgd, 0.001 for adam)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: 0.1 for sgd, 0.001 for adam)")
+    p.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    p.add_argument("--weight-decay", type=float, help="weight decay on weights (default: 5e-4 sgd, 0 adam)")
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help="weight decay on weights (default: 5e-4 sgd, 0 adam)")
     p.add_argument("--schedule", default="cosine", help=f"{', '.join(SCHEDULES)} (default: %(default)s)")
     p.add_argument("--distill", help=f"{', '.join(DISTILL_CHOICES)} (default: recursive for anyprecision, none "
                                      f"for emqnet and dedicated)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="on the top precision's labels (default: 0)")
+    p.add_argument("--label-smoothing", type=unit_interval, default=0.0,
+                   help="on the top precision's labels (default: 0)")
     p.add_argument("--keep-first-last", default="32",
                    help="bit-width of the first and last layer, or 'none' to quantize them too (default: 32)")
-    p.add_argument("--coreset-fraction", type=float,
+    p.add_argument("--coreset-fraction", type=fraction,
                    help="share of the data each bit-width sees per epoch (default: 0.2 for emqnet; 1 = off)")
     p.add_argument("--coreset-score", default="random",
                    help=f"{', '.join(CORESET_SCORES)}: how each bit-width's subset is drawn; random = uniform, "
@@ -94,21 +108,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def parse_data_options(items: list[str], flag: str = "--data-option", example: str = "image_size=28") -> dict:
-    """``["num_samples=512", ...]`` → ``{"num_samples": 512}`` (ints and floats converted)."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CLIError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} {example})")
-        for convert in (int, float):
-            try:
-                value = convert(value)
-                break
-            except ValueError:
-                pass
-        options[key.strip()] = value
-    return options
+_FLAGS = {"num_workers": "--workers"}
+
+
+def flag_message(e: Exception) -> str:
+    """A library message that starts ``field=value`` rewritten to name the command-line flag."""
+    text = str(e)
+    match = re.match(r"([a-z_]+)=", text)
+    if match:
+        field = match[1]
+        flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
+        return f"{flag} {text[match.end():]}"
+    return text
 
 
 # Model arguments the dataset decides (and --width); --model-option may not set them.
@@ -136,20 +147,30 @@ def parse_model_options(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The training configuration from the command line, validated (raises before any work)."""
     keep = args.keep_first_last
+    if str(keep).strip().lower() == "none":
+        keep = None
+    else:
+        try:
+            keep = strict_int(keep)
+        except argparse.ArgumentTypeError:
+            raise CLIError(f"--keep-first-last {keep!r} is not a bit-width (1..16, 32) or 'none'") from None
     try:
-        keep = None if str(keep).lower() == "none" else int(keep)
-    except ValueError:
-        raise CLIError(f"--keep-first-last {keep!r} is not a bit-width or 'none'") from None
-    return TrainConfig(
-        bits=tuple(parse_bit_list(args.bits)), method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
-        label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
-        coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
-        coreset_warmup=args.coreset_warmup, coreset_steps=args.coreset_steps, bn_stats=args.bn_stats,
-        bn_untrained=args.bn_untrained, final_bn_batches=args.final_bn_batches, seed=args.seed,
-        eval_every=args.eval_every, num_workers=args.workers,
-    ).resolved()
+        bits = tuple(parse_bit_list(args.bits))
+    except BitsError as e:
+        raise CLIError(f"--bits: {e}") from None
+    try:
+        return TrainConfig(
+            bits=bits, method=args.method, epochs=args.epochs, batch_size=args.batch_size,
+            optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+            weight_decay=args.weight_decay, schedule=args.schedule, distill=args.distill,
+            label_smoothing=args.label_smoothing, keep_first_last=keep, coreset_fraction=args.coreset_fraction,
+            coreset_score=args.coreset_score, coreset_refresh=args.coreset_refresh,
+            coreset_warmup=args.coreset_warmup, coreset_steps=args.coreset_steps, bn_stats=args.bn_stats,
+            bn_untrained=args.bn_untrained, final_bn_batches=args.final_bn_batches, seed=args.seed,
+            eval_every=args.eval_every, num_workers=args.workers,
+        ).resolved()
+    except (TrainConfigError, BitsError) as e:
+        raise CLIError(flag_message(e)) from None
 
 
 def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
@@ -159,9 +180,10 @@ def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
         raise CLIError("--dataset is required: fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
     options = parse_data_options(args.data_option)
     info = anydata.dataset_info(args.dataset, **options)
-    model_options = parse_model_options(args)
-    if args.width <= 0:
-        raise CLIError(f"--width {args.width} must be positive")
+    model_options = parse_model_options(args)   # also refuses an unknown model name, with suggestions
+    if args.width > MAX_WIDTH:
+        raise CLIError(f"--width {args.width:g} is too wide: at most {MAX_WIDTH:g} (ResNet-20 at 16x has about 70 M "
+                       f"parameters; Any-Precision's wide model is 5)")
     run_info = {"model": args.model, "width": args.width, "dataset": info["name"], "data_options": options,
                 "train_subset": args.train_subset, "test_subset": args.test_subset}
     if model_options:
@@ -176,9 +198,6 @@ def validate(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
         saved = read_state_header(out)["state"]["config"]
         check_same_config({k: v for k, v in saved.items() if k != "sampler"},
                           {**run_info, **config.to_dict()})
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"output directory {out} already exists and is not empty; pass --overwrite to replace it "
-                       f"or --resume to continue it")
     return config, run_info, info
 
 
@@ -201,20 +220,22 @@ def run(args: argparse.Namespace) -> int:
     # Built before any data is read, so that a bad model name or shape fails at once (imagefolder
     # learns its class count from the directory, so its model waits for the data).
     model = build_model(args, info, info["num_classes"]) if info["num_classes"] else None
+    out = prepare_out_dir(args.out, args.overwrite, resume=args.resume, can_resume=True,
+                          inputs=data_inputs(args.data_dir), command="train")
 
     t0 = time.perf_counter()
     options = run_info["data_options"]
-    train_set = anydata.load(info["name"], "train", data_dir=args.data_dir, **options)
-    test_set = anydata.load(info["name"], "test", data_dir=args.data_dir, **options)
+    train_set = load_split(info["name"], "train", args.data_dir, options)
+    test_set = load_split(info["name"], "test", args.data_dir, options)
     train_set = subset_of(train_set, args.train_subset, "--train-subset", args.seed)
     test_set = subset_of(test_set, args.test_subset, "--test-subset", args.seed)
     data_seconds = time.perf_counter() - t0
     if model is None:
         model = build_model(args, info, train_set.num_classes)
 
-    out = prepare_out_dir(args.out, args.overwrite, resume=args.resume, can_resume=True)
     trainer = MultiBitTrainer(
-        model, train_set, test_set, config, device=device, out_dir=out, quiet=args.quiet, run_info=run_info,
+        model, train_set, test_set, config, device=device, out_dir=out, quiet=args.quiet,
+        run_info={**run_info, "data_source": data_source(train_set, test_set)},
         data_info={"dataset": info["name"], "options": options, "train_subset": args.train_subset},
     )
     if not args.resume:

@@ -137,7 +137,15 @@ class ImageFolderDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[self.indices[index]]
+        i = self.indices[index]
+        try:
+            image, label = self.folder[i]
+        except (OSError, ValueError, SyntaxError) as e:   # PIL: unidentified, truncated or malformed image
+            from .errors import DatasetFormatError
+
+            path = self.folder.samples[i][0]
+            detail = type(e).__name__ if "<" in str(e) else f"{type(e).__name__}: {e}"
+            raise DatasetFormatError(f"{path} is not a readable image ({detail}); remove or replace it") from e
         return image, int(label)
 
     def subset(self, n: int, seed: int = 0) -> ImageFolderDataset:

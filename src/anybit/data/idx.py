@@ -26,26 +26,44 @@ _DTYPES: dict[int, np.dtype] = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DatasetFormatError(f"{path}: not a readable gzip file ({e}); delete it and get the file again") from e
+MAX_IDX_BYTES = 2**30   # the largest IDX payload read (Fashion-MNIST's training images are 47 MB)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_exact(f, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
     """Read an IDX file (gzip-compressed if named ``*.gz``) into a native-endian numpy array.
 
-    Raises DatasetFormatError when the magic number, the header or the file size is wrong.
+    The header is read and checked first, so a file that claims (or decompresses to) more than
+    :data:`MAX_IDX_BYTES` is refused before it is decompressed. Raises DatasetFormatError when the
+    magic number, the header or the file size is wrong.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DatasetFormatError(f"{path}: {len(raw)} bytes, too short for an IDX header; the file is truncated")
-    (magic,) = struct.unpack(">I", raw[:4])
+    try:
+        with _open(path) as f:
+            return _read_idx(f, path, expected_magic)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DatasetFormatError(f"{path}: not a readable gzip file ({e}); delete it and get the file again") from e
+
+
+def _read_idx(f, path: Path, expected_magic: int | None) -> np.ndarray:
+    head = _read_exact(f, 4)
+    if len(head) < 4:
+        raise DatasetFormatError(f"{path}: {len(head)} bytes, too short for an IDX header; the file is truncated")
+    (magic,) = struct.unpack(">I", head)
     code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
     if expected_magic is not None and magic != expected_magic:
         raise DatasetFormatError(
@@ -56,19 +74,27 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
             f"{path}: bad IDX magic number 0x{magic:08x}; expected 0x0000TTNN with type TT in "
             f"{[f'{c:02x}' for c in _DTYPES]} and NN dimensions"
         )
+    raw_dims = _read_exact(f, 4 * ndim)
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetFormatError(f"{path}: header needs {header} bytes but the file has {len(raw)}; truncated")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw_dims) < 4 * ndim:
+        raise DatasetFormatError(f"{path}: header needs {header} bytes but the file has {4 + len(raw_dims)}; truncated")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
     dtype = _DTYPES[code]
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        problem = "truncated" if len(raw) < expected else "has trailing bytes"
+    payload = math.prod(dims) * dtype.itemsize
+    if payload > MAX_IDX_BYTES:
         raise DatasetFormatError(
-            f"{path}: header says shape {tuple(dims)} ({expected} bytes) but the file has {len(raw)} bytes; {problem}"
+            f"{path}: header says shape {tuple(dims)} ({payload:,} bytes), more than anybit reads from an IDX file "
+            f"({MAX_IDX_BYTES:,} bytes); the file is corrupt or not a dataset file"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    data = _read_exact(f, payload + 1)
+    if len(data) != payload:
+        problem = "truncated" if len(data) < payload else "has trailing bytes"
+        size = header + len(data) if len(data) < payload else f"more than {header + payload}"
+        raise DatasetFormatError(
+            f"{path}: header says shape {tuple(dims)} ({header + payload} bytes) but the file has {size} bytes; {problem}"
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(dims)
+    return array.astype(dtype.newbyteorder("="), copy=True)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -34,12 +34,20 @@ _INFO: dict[str, dict[str, Any]] = {
     "synthetic": {"num_classes": 10, "in_channels": 3, "image_size": 32},
 }
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("image_size",),
-    "cifar10": (),
-    "cifar100": (),
-    "imagefolder": ("image_size",),
-    "synthetic": ("seed", "num_samples", "num_classes", "channels", "image_size"),
+    "fashion-mnist": ("image_size", "augment"),
+    "cifar10": ("augment",),
+    "cifar100": ("augment",),
+    "imagefolder": ("image_size", "augment"),
+    "synthetic": ("seed", "num_samples", "num_classes", "channels", "image_size", "augment"),
 }
+# Integer options: (smallest, largest) per dataset. ``augment`` (every dataset) is true/false.
+_RANGES: dict[str, dict[str, tuple[int, int]]] = {
+    "fashion-mnist": {"image_size": (28, 1024)},
+    "imagefolder": {"image_size": (8, 1024)},
+    "synthetic": {"seed": (0, 2**32 - 1), "num_samples": (1, 10_000_000), "num_classes": (1, 100_000),
+                  "channels": (1, 64), "image_size": (1, 1024)},
+}
+SYNTHETIC_MAX_BYTES = 8 * 2**30   # images held in memory as uint8
 _SPLITS: dict[str, tuple[str, ...]] = {name: ("train", "test") for name in DATASET_NAMES}
 _SPLITS["imagefolder"] = ("train", "val", "test")
 
@@ -78,11 +86,45 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def _check_options(name: str, options: dict[str, Any]) -> None:
+class DatasetOptionError(ValueError):
+    """A dataset option that the dataset does not take, or a value outside its range."""
+
+
+_BOOL_TEXT = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of dataset ``name`` with their types and ranges checked (integers stay integers, ``augment``
+    becomes a bool); raises :class:`DatasetOptionError` naming the option, the value and what is allowed."""
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         valid = ", ".join(_OPTIONS[name]) or "none"
-        raise ValueError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}; valid options: {valid}")
+        raise DatasetOptionError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}; "
+                                 f"valid options: {valid}")
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "augment":
+            if isinstance(value, bool):
+                checked[key] = value
+            elif isinstance(value, (int, str)) and str(value).strip().lower() in _BOOL_TEXT:
+                checked[key] = _BOOL_TEXT[str(value).strip().lower()]
+            else:
+                raise DatasetOptionError(f"dataset option augment={value!r} must be true or false")
+            continue
+        low, high = _RANGES[name][key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise DatasetOptionError(f"{name} dataset option {key}={value!r} must be an integer in {low}..{high}")
+        checked[key] = value
+    if name == "synthetic":
+        n = checked.get("num_samples", 512)
+        size = n * checked.get("channels", 3) * checked.get("image_size", 32) ** 2
+        if size > SYNTHETIC_MAX_BYTES:
+            raise DatasetOptionError(f"synthetic dataset of {n} images of {checked.get('channels', 3)}x"
+                                     f"{checked.get('image_size', 32)}^2 needs {size / 2**30:.1f} GiB; keep it under "
+                                     f"{SYNTHETIC_MAX_BYTES // 2**30} GiB (fewer num_samples or a smaller image_size)")
+    return checked
 
 
 def dataset_info(name: str, **options: Any) -> dict[str, Any]:
@@ -92,20 +134,26 @@ def dataset_info(name: str, **options: Any) -> dict[str, Any]:
     ``num_classes`` is None for imagefolder, where only the directory knows it.
     """
     key = canonical_name(name)
-    _check_options(key, options)
+    options = check_options(key, options)
     info = {"name": key, **_INFO[key]}
     if "image_size" in options:
-        info["image_size"] = int(options["image_size"])
+        info["image_size"] = options["image_size"]
     if key == "synthetic":
-        info["num_classes"] = int(options.get("num_classes", info["num_classes"]))
-        info["in_channels"] = int(options.get("channels", info["in_channels"]))
+        info["num_classes"] = options.get("num_classes", info["num_classes"])
+        info["in_channels"] = options.get("channels", info["in_channels"])
     return info
 
 
 def _search_roots(data_dir: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(data_dir).expanduser()] if data_dir is not None else []
-    roots += [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    return roots
+    """An explicit ``data_dir`` is the only place looked in (it must exist); else ``$ANYBIT_DATA``."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            what = "is not a directory" if root.exists() else "does not exist"
+            raise DatasetNotFoundError(f"--data-dir {root} {what}: give the directory that holds the dataset "
+                                       f"(or leave --data-dir out to use ${ENV_VAR} and the system copies)")
+        return [root]
+    return [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
 
 
 def _find(
@@ -130,8 +178,8 @@ def _find(
 
 
 def _not_found(title: str, searched: list[str], howto: str) -> DatasetNotFoundError:
-    where = "\n".join(f"  - {s}" for s in searched) or f"  (nothing: no data_dir given and {ENV_VAR} is not set)"
-    return DatasetNotFoundError(f"{title} not found. Looked in:\n{where}\n{howto}")
+    where = "; ".join(searched) or f"nothing (no data_dir given and {ENV_VAR} is not set)"
+    return DatasetNotFoundError(f"{title} not found. Looked in: {where}. {howto}")
 
 
 def _load_fashion(split: str, data_dir: str | os.PathLike | None, augment: bool, image_size: int = 32) -> ImageDataset:
@@ -141,7 +189,8 @@ def _load_fashion(split: str, data_dir: str | os.PathLike | None, augment: bool,
     prefix = "train" if split == "train" else "t10k"
     required = [(f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
     dirs = [d for root in _search_roots(data_dir) for d in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw")]
-    dirs.append(Path(FASHION_MNIST_SYSTEM_DIR))
+    if data_dir is None:                        # an explicit directory is used or refused, never replaced
+        dirs.append(Path(FASHION_MNIST_SYSTEM_DIR))
     directory, paths, _, searched = _find((d, required, None) for d in dirs)
     if directory is None:
         raise _not_found(f"Fashion-MNIST ({split} split)", searched, _FASHION_HOWTO)
@@ -183,6 +232,26 @@ def _load_cifar(num_classes: int, split: str, data_dir: str | os.PathLike | None
     )
 
 
+IMAGEFOLDER_SMALL = 96   # image_size up to this: CIFAR-style transforms; above: ImageNet-style
+
+
+def imagefolder_transforms(image_size: int, augment: bool) -> list:
+    """The transforms of ``imagefolder`` for ``image_size``: large images the ImageNet way (evaluation: resize to
+    256/224 of the size and centre-crop; training: RandomResizedCrop and flip), small ones (up to
+    :data:`IMAGEFOLDER_SMALL` pixels) the CIFAR way (resize the shorter side to the size and centre-crop,
+    which leaves images of that size untouched; training adds a random crop with padding of 1/8 and a flip)."""
+    from torchvision import transforms
+
+    if image_size > IMAGEFOLDER_SMALL:
+        if augment:
+            return [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+        return [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if augment:
+        steps += [transforms.RandomCrop(image_size, padding=max(1, image_size // 8)), transforms.RandomHorizontalFlip()]
+    return steps
+
+
 def _load_imagefolder(split: str, data_dir: str | os.PathLike | None, augment: bool, image_size: int = 224) -> ImageFolderDataset:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -190,19 +259,15 @@ def _load_imagefolder(split: str, data_dir: str | os.PathLike | None, augment: b
     layout = "DIR/{train,val}/<class>/<image files>"
     if data_dir is None:
         raise DatasetNotFoundError(f"imagefolder needs a directory: pass --data-dir DIR (data_dir=DIR) laid out as {layout}")
-    root = Path(data_dir).expanduser()
+    root = _search_roots(data_dir)[0]
     names = ("test", "val") if split == "test" else (split,)
     candidates = [root / n for n in names]
     directory = next((d for d in candidates if d.is_dir()), None)
     if directory is None:
-        looked = "\n".join(f"  - {d} (no such directory)" for d in candidates)
-        raise DatasetNotFoundError(f"imagefolder {split} split not found. Looked in:\n{looked}\nExpected layout: {layout}")
-    image_size = int(image_size)
+        looked = "; ".join(f"{d} (no such directory)" for d in candidates)
+        raise DatasetNotFoundError(f"imagefolder {split} split not found. Looked in: {looked}. Expected layout: {layout}")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    if augment:
-        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    else:
-        steps = [transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    steps = imagefolder_transforms(image_size, augment)
     try:
         folder = ImageFolder(str(directory), transform=transforms.Compose([*steps, transforms.ToTensor(), normalize]))
     except FileNotFoundError as e:
@@ -231,13 +296,24 @@ def load(
 
     ``augment=None`` gives the standard augmentation for the train split (random crop + flip) and none for
     test; synthetic data is never augmented unless ``augment=True``, since its templates are not images.
+    The option ``augment=False`` (``--data-option augment=false``) turns the train split's augmentation
+    off (``True`` turns it on for synthetic); an explicit ``augment`` argument wins over it.
     """
     key = canonical_name(name)
     if split not in _SPLITS[key]:
         raise ValueError(f"unknown split {split!r} for dataset {key!r}: expected one of {', '.join(_SPLITS[key])}")
-    _check_options(key, options)
+    options = check_options(key, options)
+    if key == "synthetic" and data_dir is not None:
+        raise DatasetOptionError(f"synthetic data is generated and reads no files, so --data-dir {data_dir} would be "
+                                 f"ignored: drop --data-dir (data_dir=)")
+    augment_option = options.pop("augment", None)
+    if augment is not None and not isinstance(augment, bool):
+        augment = check_options(key, {"augment": augment})["augment"]
     if augment is None:
-        augment = split == "train" and key != "synthetic"
+        if split == "train" and augment_option is not None:
+            augment = augment_option
+        else:
+            augment = split == "train" and key != "synthetic"
     if key == "fashion-mnist":
         return _load_fashion(split, data_dir, augment, **options)
     if key in ("cifar10", "cifar100"):

@@ -21,6 +21,7 @@ from .errors import (
     InfeasibleBudgetError,
     InfeasibleError,
     InfeasibleLossError,
+    MixedBitsError,
     MixedPrecisionError,
 )
 from .measured import pick_measured
@@ -33,7 +34,7 @@ from .solver import Allocation, allocate, allocate_best, allocate_greedy, check_
 
 __all__ = [
     "Allocation", "BitMapError", "BitMapNotFoundError", "CostModel", "InfeasibleBudgetError", "InfeasibleError",
-    "InfeasibleLossError", "LayerSetup", "METRICS", "MinMaxSetup", "MixedPrecisionError", "Sensitivity",
+    "InfeasibleLossError", "LayerSetup", "METRICS", "MinMaxSetup", "MixedBitsError", "MixedPrecisionError", "Sensitivity",
     "allocate", "allocate_best", "allocate_for_model", "allocate_greedy", "apply_allocation", "bit_map_to_json",
     "calibration_batches", "check_budget", "cost_model", "draw_pareto", "data_fingerprint", "load_bit_map", "model_fingerprint",
     "needs_calibration", "option_label", "parse_sweep", "pick_measured", "ptq_bit_allocator", "pareto_markdown", "plot_pareto", "prepare",

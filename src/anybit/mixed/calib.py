@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..evaluation import logits_of
+from .. import inputs as mi
+from ..evaluation import compared_output, output_discrepancy
 from ..quant import FLOAT_BITS, precision
 from .errors import MixedPrecisionError
 
@@ -20,7 +21,9 @@ LOSSES = ("kl", "ce")
 
 def calibration_batches(data, batch_size: int = 256, device: str | torch.device | None = None) -> list[Batch]:
     """``[(inputs, labels or None), ...]`` on ``device`` from a tensor of inputs, an ``(inputs, labels)``
-    pair of tensors, a Dataset of ``(input, label)`` samples or an iterable of batches (a DataLoader).
+    pair of tensors, a Dataset of ``(input, label)`` samples or an iterable of batches (a DataLoader),
+    or keyword inputs (a dict / ``BatchEncoding`` of tensors, one or an iterable of them: ``inputs`` is
+    then a dict, and its ``attention_mask`` keeps padding out of the loss).
 
     The batches are held in memory: calibration sets are small (hundreds to a few thousand samples)
     and every layer and option is measured on exactly the same data.
@@ -29,6 +32,8 @@ def calibration_batches(data, batch_size: int = 256, device: str | torch.device 
         raise MixedPrecisionError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(data, torch.Tensor):
         batches = [(x, None) for x in data.split(batch_size)]
+    elif mi.is_keyword_inputs(data):
+        batches = [(x, None) for x in mi.chunks(_keyword(data), batch_size)]
     elif (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
           and data[1].dim() == 1 and data[0].dim() > 1 and data[0].shape[0] == data[1].shape[0]):
         batches = list(zip(data[0].split(batch_size), data[1].split(batch_size)))
@@ -42,11 +47,18 @@ def calibration_batches(data, batch_size: int = 256, device: str | torch.device 
             f"calibration data of type {type(data).__name__} is not supported: expected a tensor of inputs, "
             f"an (inputs, labels) pair of tensors, a Dataset or an iterable of batches (e.g. a DataLoader)"
         )
-    if not batches or sum(x.shape[0] for x, _ in batches) == 0:
+    if not batches or sum(mi.num_samples(x) for x, _ in batches) == 0:
         raise MixedPrecisionError("the calibration data is empty: give at least one sample")
     if device is not None:
-        batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+        batches = [(mi.to_device(x, device), None if y is None else y.to(device)) for x, y in batches]
     return batches
+
+
+def _keyword(data) -> dict[str, torch.Tensor]:
+    try:
+        return mi.as_inputs(data)
+    except mi.InputsError as e:
+        raise MixedPrecisionError(str(e)) from e
 
 
 def _split_batch(batch) -> Batch:
@@ -55,12 +67,27 @@ def _split_batch(batch) -> Batch:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
         return batch[0], labels
+    if isinstance(batch, (tuple, list)) and batch and mi.is_keyword_inputs(batch[0]):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return _keyword(batch[0]), labels
     if isinstance(batch, dict) and isinstance(batch.get("input"), torch.Tensor):
         return batch["input"], batch.get("label")
+    if mi.is_keyword_inputs(batch):
+        labels = next((batch[k] for k in mi.LABEL_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+        return _keyword(batch), labels
     raise MixedPrecisionError(
-        f"a calibration batch of type {type(batch).__name__} is not supported: expected a tensor or an "
-        f"(inputs, labels) tuple"
+        f"a calibration batch of type {type(batch).__name__} is not supported: expected a tensor, an "
+        f"(inputs, labels) tuple or a dict of keyword input tensors"
     )
+
+
+def _hash_inputs(h, x) -> None:
+    if mi.is_keyword_inputs(x):
+        for key in sorted(x):
+            h.update(key.encode())
+            _hash_tensor(h, x[key])
+    else:
+        _hash_tensor(h, x)
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -89,7 +116,7 @@ def data_fingerprint(batches: list[Batch]) -> str:
     """SHA-256 of the calibration inputs and labels, in order."""
     h = hashlib.sha256()
     for x, y in batches:
-        _hash_tensor(h, x)
+        _hash_inputs(h, x)
         if y is not None:
             _hash_tensor(h, y)
     return h.hexdigest()
@@ -97,23 +124,28 @@ def data_fingerprint(batches: list[Batch]) -> str:
 
 @torch.no_grad()
 def float_targets(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
-    """The float model's output log-probabilities on each batch: the targets of the KL loss."""
+    """The float model's outputs on each batch (logits, or hidden states for a model without logits):
+    the targets of the KL loss (see :func:`anybit.evaluation.compared_output`)."""
     with precision(model, FLOAT_BITS):
-        return [F.log_softmax(logits_of(model(x)).float(), dim=-1) for x, _ in batches]
+        return [compared_output(mi.run_model(model, x))[1].float() for x, _ in batches]
 
 
 @torch.no_grad()
 def dataset_loss(model: nn.Module, batches: list[Batch], targets: list[torch.Tensor], loss: str) -> float:
-    """Mean loss per sample of ``model`` as it is set now: ``"kl"`` to ``targets`` or ``"ce"`` to the labels."""
-    total, samples = 0.0, 0
+    """Mean loss of ``model`` as it is set now: ``"kl"`` to ``targets`` (per sample; for a model without
+    logits the relative squared error of its hidden states per real token) or ``"ce"`` to the labels."""
+    total, count = 0.0, 0
     for (x, y), t in zip(batches, targets):
-        logits = logits_of(model(x)).float()
+        kind, out = compared_output(mi.run_model(model, x))
         if loss == "ce":
-            total += F.cross_entropy(logits, y, reduction="sum").item()
+            if kind != "logits":
+                raise MixedPrecisionError("loss='ce' needs a model that outputs logits; use loss='kl'")
+            total += F.cross_entropy(out.float(), y, reduction="sum").item()
+            count += mi.num_samples(x)
         else:
-            total += F.kl_div(F.log_softmax(logits, dim=-1), t, log_target=True, reduction="sum").item()
-        samples += x.shape[0]
-    return total / samples
+            s, c = output_discrepancy(out.float(), t, kind, mi.token_mask(x))
+            total, count = total + s.item(), count + c
+    return total / max(count, 1)
 
 
 def check_loss(loss: str, batches: list[Batch]) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from ..quant.functional import BitsError
+
 
 class MixedPrecisionError(ValueError):
     """An invalid setting or a mismatch between sensitivity, cost model and model."""
+
+
+class MixedBitsError(MixedPrecisionError, BitsError):
+    """A bad bit-width or precision setting given to the allocator (an option outside 1..16/32, a model that cannot
+    run per-layer precisions); a :class:`MixedPrecisionError` and a :class:`~anybit.BitsError`."""
 
 
 class InfeasibleError(MixedPrecisionError):

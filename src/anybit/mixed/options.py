@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..quant import FLOAT_BITS, check_bits, parse_bit_list
-from .errors import MixedPrecisionError
+from ..quant import FLOAT_BITS, BitsError, check_bits, parse_bit_list
+from .errors import MixedBitsError, MixedPrecisionError
 
 Option = tuple[int, int]
 
@@ -16,6 +16,15 @@ def resolve_options(options: str | Iterable[int | Sequence[int]], a_bits: int | 
     Plain bit-widths become ``(b, b)`` when ``a_bits`` is None (activations follow weights) and
     ``(b, a_bits)`` otherwise. The result is sorted (lowest precision first) and has no duplicates.
     """
+    try:
+        return _resolve(options, a_bits)
+    except BitsError as e:
+        if isinstance(e, MixedPrecisionError):
+            raise
+        raise MixedBitsError(str(e)) from None
+
+
+def _resolve(options, a_bits: int | None) -> list[Option]:
     if a_bits is not None:
         a_bits = check_bits(a_bits, "a_bits")
     if isinstance(options, str):

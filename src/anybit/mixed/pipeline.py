@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..inputs import take
 from .bitmap import apply_allocation
 from .calib import calibration_batches
 from .cost import cost_model
@@ -56,7 +57,7 @@ def allocate_for_model(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = calibration_batches(calib_data, batch_size, device)
     if example_input is None:
-        example_input = batches[0][0][:1]
+        example_input = take(batches[0][0], slice(0, 1))
     sens = sensitivity(model, batches, options, a_bits=a_bits, loss=loss, layer_setup=layer_setup,
                        cache_path=cache_path, batch_size=batch_size, quiet=quiet)
     cost = cost_model(model, options, metric, example_input, a_bits=a_bits)

@@ -23,13 +23,24 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
+from ..inputs import num_samples, take
 from ..progress import progress
-from ..quant import FLOAT_BITS, check_bits, get_precision, quant_layers, set_precision
+from ..quant import (
+    FLOAT_BITS,
+    BitsError,
+    SwitchableBatchNorm,
+    check_bits,
+    check_layers_run,
+    get_precision,
+    quant_layers,
+    set_precision,
+)
 from .calib import calibration_batches, check_loss, data_fingerprint, dataset_loss, float_targets, model_fingerprint
-from .errors import MixedPrecisionError
+from .errors import MixedBitsError, MixedPrecisionError
 from .options import Option, option_label, resolve_options
 from .setup import LayerSetup
 
+ZERO_DELTA = 1e-12       # |ΔL| at or below this at every option: the layer does not affect the loss
 CACHE_FORMAT = "anybit-sensitivity"
 CACHE_VERSION = 1
 
@@ -73,6 +84,13 @@ class Sensitivity:
             pinned={n: tuple(p) for n, p in data["pinned"].items()}, samples=int(data["samples"]),
             fingerprint=dict(data["fingerprint"]), seconds=float(data.get("seconds", 0.0)),
         )
+
+    @property
+    def insensitive(self) -> list[str]:
+        """Layers whose ΔL is zero at every option: the loss on the calibration data does not depend on them
+        (a dead or untrained branch, an output that ignores them). Flagged, never taken as free by the
+        allocators (:func:`anybit.mixed.allocate` keeps them at their highest option)."""
+        return [n for n, row in zip(self.layers, self.delta) if np.all(np.abs(row) <= ZERO_DELTA)]
 
     def table(self) -> list[list]:
         """Rows ``[layer, ΔL at each option...]`` for printing."""
@@ -140,13 +158,21 @@ def sensitivity(
     layers = quant_layers(model)
     if not layers:
         raise MixedPrecisionError("this model has no quantizable layers: call anybit.convert(model) first")
+    if any(isinstance(m, SwitchableBatchNorm) for m in model.modules()):
+        raise MixedBitsError("a model with switchable BatchNorm runs at one uniform precision only; per-layer bit "
+                             "maps need shared BatchNorm (QuantSpec(bn='shared'), the emqnet method)")
     opts = resolve_options(options, a_bits)
-    ref = check_bits(reference, "reference")
+    try:
+        ref = check_bits(reference, "reference")
+    except BitsError as e:
+        raise MixedBitsError(str(e)) from None
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = calibration_batches(calib_data, batch_size, device)
     check_loss(loss, batches)
-    samples = sum(x.shape[0] for x, _ in batches)
+    if check_layers_run(model, take(batches[0][0], slice(0, 1))):      # layers that never run their forward are left float
+        layers = quant_layers(model)
+    samples = sum(num_samples(x) for x, _ in batches)
     pinned = {n: tuple(m.pinned) for n, m in layers.items() if m.pinned is not None}
     free = [n for n in layers if n not in pinned]
     if not free:

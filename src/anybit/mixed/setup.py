@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..inputs import real_positions, run_model, to_device
 from ..quant import FLOAT_BITS, precision, quant_layers
 from .calib import calibration_batches
+from .errors import MixedPrecisionError
 
 LayerSetup = Callable[[nn.Module, str, int, int], None]
 
@@ -54,7 +56,7 @@ class MinMaxSetup:
         stats: dict[str, list[torch.Tensor]] = {}
 
         def hook(module, args, name):
-            x = args[0].detach()
+            x = real_positions(module.smooth_input(args[0].detach()))
             lo, hi = x.amin(), x.amax()
             if name in stats:
                 stats[name] = [torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)]
@@ -68,7 +70,7 @@ class MinMaxSetup:
             with precision(model, FLOAT_BITS):
                 device = next((p.device for p in model.parameters()), None)
                 for x, _ in self.batches:
-                    model(x.to(device) if device is not None else x)
+                    run_model(model, to_device(x, device))
         finally:
             model.train(was_training)
             for h in handles:
@@ -81,12 +83,15 @@ class MinMaxSetup:
         if a_bits == FLOAT_BITS:
             return
         layer = model.get_submodule(layer_name)
+        if getattr(layer.input_quant, "dynamic", False):
+            return  # per-token ranges are computed at run time
         if not self.overwrite and a_bits in layer.input_quant.calibrated_bits():
             return  # calibrated before (by this set-up, or by a better one such as PTQ's MSE search)
         if self._model_ref is None or self._model_ref() is not model:
             self.observe(model)
         if layer_name not in self._stats:
-            raise ValueError(f"layer {layer_name!r} did not run on the calibration data; cannot calibrate its range")
+            raise MixedPrecisionError(f"layer {layer_name!r} did not run on the calibration data; cannot calibrate "
+                                      f"its range")
         lo, hi = self._stats[layer_name]
         layer.input_quant.set_range(a_bits, lo, hi, learnable=False)
 

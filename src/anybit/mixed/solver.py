@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import LinearConstraint, milp
@@ -86,6 +86,27 @@ def _check_pair(sens: Sensitivity, cost: CostModel) -> None:
         )
     if sens.pinned != cost.pinned:
         raise MixedPrecisionError(f"pinned layers differ: sensitivity {sens.pinned}, cost {cost.pinned}")
+
+
+def _guard_insensitive(sens: Sensitivity, cost: CostModel) -> tuple[CostModel, dict[int, int]]:
+    """Layers whose ΔL is zero at every option are not free: their options all cost what the most expensive
+    one costs, and they are set to it after solving (``{row: option}``). All of them zero is an error."""
+    names = set(sens.insensitive)
+    if not names:
+        return cost, {}
+    if len(names) == len(sens.layers):
+        raise MixedPrecisionError(
+            f"the sensitivity of every layer is 0 at every option ({len(names)} layers): the loss on the calibration "
+            f"data does not change when any layer is quantized (a model whose output ignores its inputs, an "
+            f"untrained head?), so there is nothing to allocate by. Check the model and the calibration data")
+    rows = {i: int(np.argmax(cost.cost[i])) for i, n in enumerate(sens.layers) if n in names}
+    guarded = cost.cost.copy()
+    for i, k in rows.items():
+        guarded[i, :] = guarded[i, k]
+    listed = ", ".join(sorted(names)[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    warnings.warn(f"{len(names)} layer(s) have sensitivity 0 at every option (the loss does not depend on them): "
+                  f"{listed}; kept at their highest option instead of being taken as free", stacklevel=3)
+    return replace(cost, cost=guarded), rows
 
 
 def _absolute_budget(cost: CostModel, budget: float | None, absolute: bool) -> float | None:
@@ -182,6 +203,7 @@ def allocate_best(
     ``Σ ΔL`` ignores how layers interact. Arguments as for :func:`allocate`.
     """
     _check_pair(sensitivity, cost)
+    cost, forced = _guard_insensitive(sensitivity, cost)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise MixedPrecisionError(f"count={count!r} must be a positive integer (the number of allocations wanted)")
     if objective not in OBJECTIVES:
@@ -192,6 +214,10 @@ def allocate_best(
         raise MixedPrecisionError("objective='loss' needs a budget (e.g. budget=0.15 for 15% of the float model)")
     if objective == "cost" and max_loss is None:
         raise MixedPrecisionError("objective='cost' needs max_loss, the largest predicted loss increase allowed")
+    if max_loss is not None and (isinstance(max_loss, bool) or not isinstance(max_loss, (int, float))
+                                 or not np.isfinite(max_loss)):
+        raise MixedPrecisionError(f"max_loss={max_loss!r} must be a finite number (the largest predicted loss "
+                                  f"increase allowed)")
     if budget_abs is not None:
         _check_budget(cost, budget_abs)
     delta = sensitivity.delta
@@ -213,6 +239,10 @@ def allocate_best(
     one_hot = csr_matrix((np.ones(n), (rows, np.arange(n))), shape=(n_layers, n))
     c = (shifted / loss_scale).ravel() if objective == "loss" else rel_cost.ravel()
     constraints = [LinearConstraint(one_hot, 1, 1)]
+    for i, k in forced.items():            # insensitive layers: their highest option, so cuts stay exact
+        fix = np.zeros(n)
+        fix[i * n_opts + k] = 1.0
+        constraints.append(LinearConstraint(csr_matrix(fix[None, :]), 1, 1))
     if max_loss is not None:
         constraints.append(LinearConstraint(csr_matrix(delta.ravel()[None, :]), -np.inf, max_loss))
     options = {"mip_rel_gap": 1e-9}
@@ -225,6 +255,7 @@ def allocate_best(
         choice = _solve(c, constraints, options, cost, rel_cost, budget_abs, first=not found)
         if choice is None:
             break
+        choice = [forced.get(i, k) for i, k in enumerate(choice)]
         found.append(_allocation(sensitivity, cost, choice, "ip", objective, budget_abs, max_loss,
                                  time.perf_counter() - start))
         # No-good cut: at most n_layers - 1 of this solution's choices may be repeated.
@@ -267,6 +298,7 @@ def allocate_greedy(sensitivity: Sensitivity, cost: CostModel, budget: float, *,
     layer whose next cheaper option adds the least predicted loss per unit of cost saved, until the
     budget is met."""
     _check_pair(sensitivity, cost)
+    cost, forced = _guard_insensitive(sensitivity, cost)
     budget_abs = _absolute_budget(cost, budget, absolute)
     _check_budget(cost, budget_abs)
     start = time.perf_counter()
@@ -292,6 +324,7 @@ def allocate_greedy(sensitivity: Sensitivity, cost: CostModel, budget: float, *,
         _, i, nxt, saved = best
         choice[i] = nxt
         total -= saved
+    choice = [forced.get(i, k) for i, k in enumerate(choice)]
     return _allocation(sensitivity, cost, choice, "greedy", "loss", budget_abs, None, time.perf_counter() - start)
 
 

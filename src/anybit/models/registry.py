@@ -15,12 +15,11 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .errors import ModelConfigError, UnknownModelError
 from .resnet_cifar import CifarResNet
 from .vit import VisionTransformer
 
-
-class UnknownModelError(ValueError):
-    """A model name that is not in the registry."""
+__all__ = ["ModelConfigError", "UnknownModelError", "available", "create", "parameters", "register"]
 
 
 def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
@@ -66,7 +65,9 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
 
     def build(num_classes: int = 1000, in_channels: int = 3, **kw) -> nn.Module:
         if in_channels != 3:
-            raise ValueError(f"torchvision models take 3 input channels, not {in_channels}")
+            raise ModelConfigError(f"torchvision models take 3 input channels, not {in_channels}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 100_000:
+            raise ModelConfigError(f"num_classes={num_classes!r} must be an integer in 1..100000")
         return tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kw)
 
     return build
@@ -103,7 +104,7 @@ def create(name: str, **kwargs) -> nn.Module:
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         bad = sorted(set(kwargs) - set(params))
         if bad:
-            raise ValueError(f"model {name!r} does not take {bad}: it takes {sorted(params)}")
+            raise ModelConfigError(f"model {name!r} does not take {bad}: it takes {sorted(params)}")
     model = builder(**kwargs)
     model.anybit_meta = {"arch": name, "arch_kwargs": dict(kwargs)}
     return model

@@ -7,8 +7,16 @@ Any-Precision DNN's ResNet-20 (whose 5× width variant is the paper-scale model)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from .errors import ModelConfigError
+
+MAX_WIDTH = 16.0          # ResNet-20 at 16x width has about 70 M parameters
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 64
 
 
 class BasicBlock(nn.Module):
@@ -32,13 +40,29 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_arch(depth, width, num_classes, in_channels) -> None:
+    """Raise :class:`ModelConfigError` unless the arguments build a CIFAR ResNet (checked before any tensor
+    is allocated, so a huge width fails with a message, not an out-of-memory error)."""
+    if not _is_int(depth) or depth < 8 or (depth - 2) % 6:
+        raise ModelConfigError(f"depth={depth!r} is not a CIFAR ResNet depth: expected 6n+2 (20, 32, 44, 56, 110)")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) \
+            or not 0 < width <= MAX_WIDTH:
+        raise ModelConfigError(f"width={width!r} must be a number in (0, {MAX_WIDTH:g}] (1 for ResNet-20, 5 for "
+                               f"Any-Precision's wide one)")
+    if not _is_int(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ModelConfigError(f"num_classes={num_classes!r} must be an integer in 1..{MAX_CLASSES}")
+    if not _is_int(in_channels) or not 1 <= in_channels <= MAX_IN_CHANNELS:
+        raise ModelConfigError(f"in_channels={in_channels!r} must be an integer in 1..{MAX_IN_CHANNELS}")
+
+
 class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, width: float = 1.0, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth={depth} is not a CIFAR ResNet depth: expected 6n+2 (20, 32, 44, 56, 110)")
-        if width <= 0:
-            raise ValueError(f"width={width} must be positive (1 for ResNet-20, 5 for Any-Precision's wide one)")
+        check_arch(depth, width, num_classes, in_channels)
         n = (depth - 2) // 6
         planes = [max(1, round(c * width)) for c in (16, 32, 64)]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, padding=1, bias=False)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.modules import ActivationPoint
+from .errors import ModelConfigError
 
 POOLING = ("cls", "mean")
 
@@ -117,14 +118,18 @@ class VisionTransformer(nn.Module):
         super().__init__()
         _check(image_size=image_size, patch_size=patch_size, in_channels=in_channels, num_classes=num_classes,
                embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio={mlp_ratio!r} must be positive (the MLP's hidden size over the token width)")
-        if not width > 0:
-            raise ValueError(f"width={width!r} must be positive (a multiplier of embed_dim)")
+        if not _number(mlp_ratio) or not 0 < mlp_ratio <= MAX_MLP_RATIO:
+            raise ModelConfigError(f"mlp_ratio={mlp_ratio!r} must be positive, at most {MAX_MLP_RATIO:g} (the MLP's "
+                                   f"hidden size over the token width)")
+        if not _number(width) or not width > 0:
+            raise ModelConfigError(f"width={width!r} must be positive (a multiplier of embed_dim)")
+        if embed_dim * width > MAX_DIM:
+            raise ModelConfigError(f"embed_dim={embed_dim} at width={width:g} is {embed_dim * width:g} features per "
+                                   f"token: at most {MAX_DIM}")
         if pool not in POOLING:
-            raise ValueError(f"pool={pool!r} is unknown: expected one of {', '.join(POOLING)}")
+            raise ModelConfigError(f"pool={pool!r} is unknown: expected one of {', '.join(POOLING)}")
         if patch_size > image_size:
-            raise ValueError(f"patch_size={patch_size} is larger than image_size={image_size}")
+            raise ModelConfigError(f"patch_size={patch_size} is larger than image_size={image_size}")
         dim = max(1, round(embed_dim * width / num_heads)) * num_heads
         self.embed_dim, self.pool = dim, pool
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
@@ -156,7 +161,19 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
 
 
+# Upper limits, checked before any tensor is allocated (a sidecar or an option asking for more fails with a
+# message, not an out-of-memory error).
+MAX_DIM = 8192
+MAX_MLP_RATIO = 16.0
+_LIMITS = {"image_size": 1024, "patch_size": 1024, "in_channels": 64, "num_classes": 100_000, "embed_dim": MAX_DIM,
+           "depth": 64, "num_heads": 256}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(**values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _LIMITS[name]:
+            raise ModelConfigError(f"{name}={value!r} must be a positive integer, at most {_LIMITS[name]}")

@@ -11,12 +11,12 @@ from .errors import CacheTooLargeError, CalibrationDataError, PTQError
 from .floatcopy import PTQ_SPEC, check_quantizable, float_copy, ptq_convert
 from .graph import LayerGraph, PostOp, analyse
 from .pipeline import PIPELINES, STAGES, PTQConfig, PTQContext, PTQReport, quantize, resolve_pipeline
-from .ranges import act_range, init_ranges, weight_grid
+from .ranges import act_range, init_ranges, smooth, weight_grid
 from .tuning import bias_tuning, bn_tuning, float_logits, logits_kl
 
 __all__ = [
     "CacheTooLargeError", "CalibrationDataError", "LayerGraph", "PIPELINES", "PTQConfig", "PTQContext", "PTQError",
     "PTQReport", "PTQ_SPEC", "PostOp", "STAGES", "act_range", "adaquant", "analyse", "bias_tuning", "bn_tuning",
     "calibration_tensor", "capture", "float_logits", "logits_kl", "check_quantizable", "float_copy", "init_ranges", "layer_errors", "ptq_convert",
-    "quantize", "resolve_pipeline", "weight_grid",
+    "quantize", "resolve_pipeline", "smooth", "weight_grid",
 ]

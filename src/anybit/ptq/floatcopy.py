@@ -14,15 +14,14 @@ import warnings
 from torch import nn
 
 from ..quant import (
+    DEFAULT_KEEP_FIRST_LAST,
     QUANT_LAYER_TYPES,
     ActivationPoint,
     QuantAct,
-    QuantConv2d,
-    QuantLinear,
-    QuantMultiheadAttention,
     QuantSpec,
     SwitchableBatchNorm,
     convert,
+    float_layer,
 )
 from .errors import PTQError
 
@@ -39,28 +38,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def _plain(layer: nn.Module) -> nn.Module:
-    if isinstance(layer, QuantConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                          bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
-    elif isinstance(layer, QuantLinear):
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    elif isinstance(layer, QuantMultiheadAttention):
-        plain = nn.MultiheadAttention(
-            layer.embed_dim, layer.num_heads, dropout=layer.dropout, bias=layer.in_proj_bias is not None,
-            add_bias_kv=layer.bias_k is not None, add_zero_attn=layer.add_zero_attn, kdim=layer.kdim,
-            vdim=layer.vdim, batch_first=layer.batch_first, device="meta",
-        )
-        plain.out_proj = layer.out_proj
-    else:  # pragma: no cover - QUANT_LAYER_TYPES lists the three above
-        raise TypeError(type(layer).__name__)
-    for name, p in layer.named_parameters(recurse=False):
-        setattr(plain, name, p)
-    for name, b in layer.named_buffers(recurse=False):
-        setattr(plain, name, b)
-    plain.train(layer.training)
-    return plain
+_plain = float_layer
 
 
 def float_copy(model: nn.Module) -> nn.Module:
@@ -112,10 +90,13 @@ def check_quantizable(model: nn.Module) -> list[str]:
     return names
 
 
-def ptq_convert(float_model: nn.Module, keep_first_last: int | None = 8, skip: tuple[str, ...] = ()) -> nn.Module:
-    """A quantizable deep copy of a float model, converted with :data:`PTQ_SPEC`."""
+def ptq_convert(float_model: nn.Module, keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST, skip: tuple[str, ...] = (),
+                example=None, **spec_fields) -> nn.Module:
+    """A quantizable deep copy of a float model, converted with :data:`PTQ_SPEC` (``spec_fields`` override
+    it). With ``example`` (a small batch of inputs) the first and last layers are found in execution
+    order (:func:`anybit.quant.convert.execution_ends`), not in registration order."""
     model = copy.deepcopy(float_model)
-    spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last, "skip": tuple(skip)})
+    spec = QuantSpec(**{**PTQ_SPEC.to_dict(), "keep_first_last": keep_first_last, "skip": tuple(skip), **spec_fields})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers left in float are listed in the conversion report
-        return convert(model, spec)
+        return convert(model, spec, example_input=example)

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from ..inputs import Inputs, is_keyword_inputs, num_samples, run_model
 from ..quant import FLOAT_BITS, QUANT_LAYER_TYPES, precision, quant_layers
 
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
@@ -181,7 +182,7 @@ def fx_post_ops(model: nn.Module, names: list[str], graph: fx.Graph | None = Non
 
 
 @torch.no_grad()
-def analyse(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> LayerGraph:
+def analyse(model: nn.Module, example: Inputs, use_fx: bool = True) -> LayerGraph:
     """Execution order, post-ops and tensor sizes of a converted model's quantized layers.
 
     ``example`` is a small batch of inputs (one or two samples are enough). The probe runs the
@@ -195,7 +196,7 @@ def analyse(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> Lay
     out_numel: dict[str, int] = {}
     layer_outputs: dict[str, list[torch.Tensor]] = {}
     bn_io: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    batch = example.shape[0]
+    batch = num_samples(example)
     element_size = [4]
 
     def layer_hook(name):
@@ -221,7 +222,7 @@ def analyse(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> Lay
     try:
         model.eval()
         with precision(model, FLOAT_BITS), recorder:
-            model(example)
+            run_model(model, example)
     finally:
         model.train(was_training)
         for h in handles:
@@ -229,13 +230,15 @@ def analyse(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> Lay
     seen = [n for n in layers if n in calls]
     post = _hook_post_ops(layer_outputs, bn_io, recorder.calls)
     method, fx_error, fx_graph = "hooks", None, None
-    if use_fx:
+    if use_fx and not is_keyword_inputs(example):   # a traced graph takes one tensor input
         try:
             fx_graph = trace(model)
             post = fx_post_ops(model, seen, fx_graph)
             method = "fx"
         except Exception as e:  # noqa: BLE001 - any tracing failure means: use the hook observations
             fx_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    elif use_fx:
+        fx_error = "the model takes keyword inputs (a dict), and a traced graph takes one tensor"
     return LayerGraph(order=order, calls=calls, post=post, method=method, in_numel=in_numel,
                       out_numel=out_numel, element_size=element_size[0], fx_error=fx_error,
                       fx_graph=fx_graph if method == "fx" else None)

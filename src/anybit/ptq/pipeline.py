@@ -25,13 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import check_bits, get_precision, quant_layers, set_precision
+from ..inputs import Inputs, is_keyword_inputs, num_samples, take, to_device
+from ..quant import DEFAULT_KEEP_FIRST_LAST, check_bits, check_layers_run, get_precision, quant_layers, set_precision
+from ..quant.functional import ACT_GRANULARITIES
 from . import layerwise as aq
 from .calibdata import CalibData, calibration_tensor
 from .errors import PTQError
 from .floatcopy import check_quantizable, float_copy, ptq_convert
 from .graph import LayerGraph, PostOp, analyse
-from .ranges import has_ranges, init_ranges
+from .ranges import has_ranges, init_ranges, smooth
 from .tuning import (
     DEFAULT_BIAS_BATCH_SIZE,
     DEFAULT_BIAS_ITERS,
@@ -39,7 +41,9 @@ from .tuning import (
     bias_tuning,
     bn_tuning,
     float_logits,
+    has_batchnorm,
     logits_kl,
+    output_kind,
 )
 
 PIPELINES: dict[str, tuple[str, ...]] = {
@@ -61,12 +65,14 @@ class PTQConfig:
     w_bits: int = 4
     a_bits: int = 4
     pipeline: str = "advanced"
-    keep_first_last: int | None = 8
+    keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST
+    act_granularity: str = "auto"
+    smooth_alpha: float | str | None = "auto"
     adaquant_mode: str = "sequential"
     adaquant_caching: str = "auto"
     iters: int = aq.DEFAULT_ITERS
     batch_size: int = aq.DEFAULT_BATCH_SIZE
-    lr_weight: float = aq.DEFAULT_LR_WEIGHT
+    lr_weight: float | None = None
     lr_bias: float = aq.DEFAULT_LR_BIAS
     lr_weight_range: float = aq.DEFAULT_LR_WEIGHT_RANGE
     lr_act_range: float = aq.DEFAULT_LR_ACT_RANGE
@@ -75,6 +81,9 @@ class PTQConfig:
     bias_batch_size: int = DEFAULT_BIAS_BATCH_SIZE
     bias_lr: float = DEFAULT_BIAS_LR
     max_cache_bytes: int = aq.DEFAULT_MAX_CACHE_BYTES
+    val_fraction: float | None = None
+    eval_every: int = aq.DEFAULT_EVAL_EVERY
+    patience: int = aq.DEFAULT_PATIENCE
     num_samples: int | None = None
     skip: tuple[str, ...] = ()
     seed: int = 0
@@ -84,13 +93,22 @@ class PTQConfig:
         check_bits(self.a_bits, "a_bits")
         if self.keep_first_last is not None:
             check_bits(self.keep_first_last, "keep_first_last")
+        if self.act_granularity not in ("auto", *ACT_GRANULARITIES):
+            raise PTQError(f"act_granularity={self.act_granularity!r} is unknown: expected 'auto' or one of "
+                           f"{list(ACT_GRANULARITIES)}")
+        if self.smooth_alpha not in (None, "auto") and (isinstance(self.smooth_alpha, bool) or not isinstance(
+                self.smooth_alpha, (int, float)) or not 0 <= self.smooth_alpha <= 1):
+            raise PTQError(f"smooth_alpha={self.smooth_alpha!r} is invalid: expected None (no smoothing), 'auto' "
+                           f"or a migration strength in [0, 1]")
         if isinstance(self.pipeline, str) and self.pipeline not in PIPELINES:
             raise PTQError(f"pipeline={self.pipeline!r} is unknown: expected one of {list(PIPELINES)} "
                            f"or a list of stages from {list(STAGES)}")
         aq.check_settings(self.adaquant_mode, self.iters, self.batch_size,
-                          {"lr_weight": self.lr_weight, "lr_bias": self.lr_bias,
+                          {"lr_weight": aq.DEFAULT_LR_WEIGHT if self.lr_weight is None else self.lr_weight,
+                           "lr_bias": self.lr_bias,
                            "lr_weight_range": self.lr_weight_range, "lr_act_range": self.lr_act_range},
                           self.max_cache_bytes)
+        aq.check_early_stopping(self.val_fraction, self.eval_every, self.patience)
         if self.adaquant_caching not in aq.CACHING:
             raise PTQError(f"adaquant_caching={self.adaquant_caching!r} is unknown: expected one of {list(aq.CACHING)}")
         for name in ("bn_batch_size", "bias_batch_size"):
@@ -119,17 +137,18 @@ class PTQContext:
 
     model: nn.Module
     float_model: nn.Module
-    calib: torch.Tensor
+    calib: Inputs
     config: PTQConfig
     graph: LayerGraph
     device: torch.device
     quiet: bool = True
     bit_allocator: BitAllocator | None = None
     range_method: str = "mse"
+    smooth_alpha: float | None = None
     _reference_logits: torch.Tensor | None = None
 
     def reference_logits(self) -> torch.Tensor:
-        """The float model's logits on the calibration set, computed once."""
+        """The float model's outputs (logits, or hidden states) on the calibration set, computed once."""
         if self._reference_logits is None:
             self._reference_logits = float_logits(self.float_model, self.calib, self.device)
         return self._reference_logits
@@ -146,6 +165,7 @@ class PTQReport:
     precision: dict[str, list[int]] = field(default_factory=dict)
     graph: str = ""
     kl: dict[str, float] = field(default_factory=dict)
+    output: str = "logits"
     seconds: float = 0.0
     measure_seconds: float = 0.0
 
@@ -165,8 +185,11 @@ class PTQReport:
 
 def _ranges(ctx: PTQContext, method: str) -> dict:
     ctx.range_method = method
+    smoothing = None
+    if ctx.smooth_alpha is not None:
+        smoothing = smooth(ctx.model, ctx.calib, ctx.smooth_alpha, device=ctx.device, quiet=ctx.quiet)
     result = init_ranges(ctx.model, ctx.calib, method, device=ctx.device, seed=ctx.config.seed, quiet=ctx.quiet)
-    return {"method": method, "layers": result}
+    return {"method": method, "layers": result, **({"smoothing_spread": smoothing} if smoothing is not None else {})}
 
 
 def stage_ranges_minmax(ctx: PTQContext) -> dict:
@@ -202,11 +225,14 @@ def stage_adaquant(ctx: PTQContext) -> dict:
                        lr_weight=c.lr_weight, lr_bias=c.lr_bias, lr_weight_range=c.lr_weight_range,
                        lr_act_range=c.lr_act_range, init=ctx.range_method, float_model=ctx.float_model,
                        max_cache_bytes=c.max_cache_bytes, caching=c.adaquant_caching, seed=c.seed, quiet=ctx.quiet,
-                       graph=ctx.graph)
+                       graph=ctx.graph, val_fraction=c.val_fraction, eval_every=c.eval_every, patience=c.patience)
 
 
 def stage_bn_tuning(ctx: PTQContext) -> dict:
-    """Re-estimate BatchNorm statistics on the calibration data, quantized (kept if the logits' KL drops)."""
+    """Re-estimate BatchNorm statistics on the calibration data, quantized (kept if the logits' KL drops);
+    nothing at all (no pass over the data) for a model without BatchNorm."""
+    if not has_batchnorm(ctx.model):
+        return {"batchnorms": 0, "skipped": "the model has no BatchNorm"}
     return bn_tuning(ctx.model, ctx.calib, batch_size=ctx.config.bn_batch_size, float_model=ctx.float_model,
                      reference_logits=ctx.reference_logits(), quiet=ctx.quiet)
 
@@ -261,6 +287,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+SEQUENCE_SMOOTH_ALPHA = 0.5
+"""Smoothing strength ``smooth_alpha="auto"`` uses for sequence models (keyword inputs) at 4 activation
+bits or fewer. Measured on all-MiniLM-L6-v2 (docs/transformers.md): it lifts W4A4 and hurts AdaQuant at
+W4A8, where the 4-bit weights pay for the outliers moved into them."""
+
+
+def resolve_smoothing(config: PTQConfig, calib: Inputs) -> float | None:
+    """The smoothing strength a pipeline applies: ``config.smooth_alpha``, with ``"auto"`` meaning
+    :data:`SEQUENCE_SMOOTH_ALPHA` for keyword inputs at ``a_bits <= 4`` and no smoothing otherwise."""
+    if config.smooth_alpha != "auto":
+        return config.smooth_alpha
+    return SEQUENCE_SMOOTH_ALPHA if is_keyword_inputs(calib) and config.a_bits <= 4 else None
+
+
 def quantize(
     model: nn.Module,
     calib_data: CalibData,
@@ -271,7 +311,7 @@ def quantize(
     config: PTQConfig | None = None,
     bit_allocator: BitAllocator | None = None,
     device: str | torch.device | None = None,
-    quiet: bool = True,
+    quiet: bool = False,
     measure: bool = True,
     on_stage_end: Callable[[str, nn.Module], None] | None = None,
     **options: Any,
@@ -282,11 +322,15 @@ def quantize(
     a copy is converted with per-channel asymmetric weights and per-tensor activations, set to
     ``w_bits``/``a_bits`` (default 4/4; first and last layer at ``keep_first_last``, default 8) and
     calibrated by the stages of ``pipeline`` (default ``"advanced"``). ``calib_data`` is a tensor, a
-    Dataset or a DataLoader (labels not needed). Further settings (``adaquant_mode``, ``iters``,
+    Dataset or a DataLoader (labels not needed), or keyword inputs for ``model(**inputs)`` -- a tokenizer's
+    output, e.g. from :func:`anybit.data.text_calibration` (padding is left out of every range, error and
+    loss). A model whose output has no logits (a feature extractor) is compared on its last hidden
+    states (``report.output == "hidden"``). Further settings (``adaquant_mode``, ``iters``,
     ``batch_size``, learning rates, ``num_samples``, ``max_cache_bytes``, ``seed``, ...) are
     :class:`PTQConfig` fields, given as keyword arguments or as ``config``. Everything is validated
-    before any work starts. ``measure`` adds per-layer output errors and the logits' KL divergence
-    before and after to the report; ``on_stage_end(name, model)`` is called after each stage.
+    before any work starts. ``measure`` adds per-layer output errors and the output discrepancy (KL
+    divergence of the logits, or relative squared error of the hidden states) before and after to the
+    report (``report.kl``); ``quiet=False`` shows progress bars when stderr is a terminal; ``on_stage_end(name, model)`` is called after each stage.
     """
     given = {k: v for k, v in (("w_bits", w_bits), ("a_bits", a_bits), ("pipeline", pipeline)) if v is not None}
     if "pipeline" in given and not isinstance(given["pipeline"], str):
@@ -300,15 +344,23 @@ def quantize(
     calib = calibration_tensor(calib_data, config.num_samples, config.seed)
 
     float_model = float_copy(model).to(device).eval()
-    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip).eval()
+    example = to_device(take(calib, slice(0, 2)), device)
+    granularity = config.act_granularity
+    if granularity == "auto":   # per-token ranges for sequence models (measured: docs/transformers.md)
+        granularity = "token" if is_keyword_inputs(calib) else "tensor"
+    qmodel = ptq_convert(float_model, config.keep_first_last, config.skip, example,
+                         act_granularity=granularity).eval()
+    check_layers_run(qmodel, take(example, slice(0, 1)))   # layers whose weight the parent uses directly stay float
     set_precision(qmodel, (config.w_bits, config.a_bits))
-    graph = analyse(qmodel, calib[:2].to(device))
+    graph = analyse(qmodel, example)
     if any(name == "adaquant" for name, _ in stages):
         names = [n for n in graph.order if not quant_layers(qmodel)[n].is_float]
-        aq.check_cache(graph, names, calib.shape[0], config.max_cache_bytes)
+        aq.check_cache(graph, names, num_samples(calib), config.max_cache_bytes)
 
-    ctx = PTQContext(qmodel, float_model, calib, config, graph, device, quiet, bit_allocator)
-    report = PTQReport(pipeline=[n for n, _ in stages], config=config.to_dict(), graph=graph.method)
+    ctx = PTQContext(qmodel, float_model, calib, config, graph, device, quiet, bit_allocator,
+                     smooth_alpha=resolve_smoothing(config, calib))
+    report = PTQReport(pipeline=[n for n, _ in stages], config=config.to_dict(), graph=graph.method,
+                       output=output_kind(float_model, calib, device))
     last_local = max(i for i, (n, _) in enumerate(stages) if n in LAYER_STAGES)
     targets = ctx.reference_logits() if measure else None
     measure_s = 0.0
@@ -340,5 +392,7 @@ def quantize(
     report.seconds = time.perf_counter() - start
     qmodel.anybit_meta = {**qmodel.anybit_meta, "ptq": {"pipeline": report.pipeline, "w_bits": config.w_bits,
                                                         "a_bits": config.a_bits,
-                                                        "keep_first_last": config.keep_first_last}}
+                                                        "keep_first_last": config.keep_first_last,
+                                                        "act_granularity": granularity,
+                                                        "smooth_alpha": ctx.smooth_alpha}}
     return qmodel.eval(), report

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..inputs import Inputs, num_samples, real_positions, run_model
 from ..progress import progress
 from ..quant import FLOAT_BITS, QuantMultiheadAttention, precision, quant_layers
 from ..quant.functional import minmax_scale_zero_point
@@ -124,18 +125,18 @@ def _layer_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Te
         for t in found:
             if isinstance(t, torch.Tensor) and all(t is not u for u in unique):
                 unique.append(t)
-        return unique
-    return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        return [real_positions(t) for t in unique]
+    return [real_positions(module.smooth_input(args[0]))] if args and isinstance(args[0], torch.Tensor) else []
 
 
 @torch.no_grad()
-def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list[str], *, batch_size: int = 256,
+def collect_activation_stats(model: nn.Module, calib: Inputs, layers: list[str], *, batch_size: int = 256,
                              device=None, max_samples: int = 2**16, seed: int = 0,
                              quiet: bool = True) -> dict[str, ActStats]:
     """Min, max and a random sample (at most ``max_samples`` values) of the inputs of ``layers``,
-    observed in one float forward pass over ``calib``."""
+    observed in one float forward pass over ``calib`` (real tokens only: padding is left out)."""
     modules = quant_layers(model)
-    n_batches = max(1, math.ceil(calib.shape[0] / batch_size))
+    n_batches = max(1, math.ceil(num_samples(calib) / batch_size))
     per_call = max(1, math.ceil(max_samples / n_batches))
     generator = torch.Generator().manual_seed(seed)
     lo = {n: math.inf for n in layers}
@@ -159,7 +160,7 @@ def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list
         with precision(model, FLOAT_BITS):
             for x in progress(batches(calib, batch_size, device), desc="activation ranges", quiet=quiet,
                               total=n_batches):
-                model(x)
+                run_model(model, x)
     finally:
         model.train(was_training)
         for h in handles:
@@ -175,7 +176,7 @@ def collect_activation_stats(model: nn.Module, calib: torch.Tensor, layers: list
     return stats
 
 
-def init_ranges(model: nn.Module, calib: torch.Tensor, method: str = "mse", *, layers: list[str] | None = None,
+def init_ranges(model: nn.Module, calib: Inputs, method: str = "mse", *, layers: list[str] | None = None,
                 weights: bool = True, activations: bool = True, batch_size: int = 256, device=None,
                 max_samples: int = 2**16, seed: int = 0, learnable: bool = True, quiet: bool = True) -> dict[str, dict]:
     """Calibrate weight and input ranges of a converted model at each layer's *current* precision.
@@ -192,7 +193,8 @@ def init_ranges(model: nn.Module, calib: torch.Tensor, method: str = "mse", *, l
         raise PTQError("this model has no quantizable layers: convert it first (anybit.convert or anybit.ptq.quantize)")
     names = list(all_layers) if layers is None else list(layers)
     result: dict[str, dict] = {}
-    act_layers = [n for n in names if activations and all_layers[n].a_bits != FLOAT_BITS]
+    act_layers = [n for n in names if activations and all_layers[n].a_bits != FLOAT_BITS
+                  and not getattr(all_layers[n].input_quant, "dynamic", False)]
     stats = collect_activation_stats(model, calib, act_layers, batch_size=batch_size, device=device,
                                      max_samples=max_samples, seed=seed, quiet=quiet) if act_layers else {}
     for name in names:
@@ -200,7 +202,8 @@ def init_ranges(model: nn.Module, calib: torch.Tensor, method: str = "mse", *, l
         entry: dict = {"w_bits": layer.w_bits, "a_bits": layer.a_bits, "weight_clip": None, "act_range": None}
         if weights and layer.w_bits != FLOAT_BITS and not isinstance(layer, QuantMultiheadAttention):
             wq = layer.weight_quant
-            scale, zp, ratio = weight_grid(layer.weight, layer.w_bits, method, per_channel=wq.per_channel,
+            scale, zp, ratio = weight_grid(layer.smooth_weight(layer.weight), layer.w_bits, method,
+                                           per_channel=wq.per_channel,
                                            symmetric=wq.method == "symmetric")
             wq.set_range(layer.w_bits, scale, zp, learnable)
             entry["weight_clip"] = float(ratio.mean())
@@ -219,5 +222,57 @@ def has_ranges(layer: nn.Module) -> bool:
     """Whether a layer has calibrated ranges at its current precision (weights and inputs as needed)."""
     w_ok = (layer.w_bits == FLOAT_BITS or isinstance(layer, QuantMultiheadAttention)
             or layer.w_bits in layer.weight_quant.calibrated_bits())
-    a_ok = layer.a_bits == FLOAT_BITS or layer.a_bits in layer.input_quant.calibrated_bits()
+    a_ok = (layer.a_bits == FLOAT_BITS or getattr(layer.input_quant, "dynamic", False)
+            or layer.a_bits in layer.input_quant.calibrated_bits())
     return w_ok and a_ok
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, calib: Inputs, alpha: float = 0.5, *, layers: list[str] | None = None,
+           batch_size: int = 256, device=None, quiet: bool = True) -> dict[str, float]:
+    """SmoothQuant-style outlier migration for the quantized Linear layers of a converted model.
+
+    For input channel ``j`` of each layer, ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` (``X`` over the
+    real tokens of one float pass over ``calib``); the layer then quantizes ``X / s`` and ``W * s``: the
+    same product in float, with the activation outlier channels flattened and the weights taking on part of
+    their range. Stored per layer (:meth:`~anybit.quant.ActQuantizer.set_smoothing`), saved in checkpoints,
+    applied at every quantized precision; set it before the ranges are calibrated. Returns each layer's
+    largest ``s_j / min s_j`` (how much the channels differed).
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise PTQError(f"alpha={alpha!r} is invalid: expected a migration strength in [0, 1]")
+    modules = quant_layers(model)
+    names = [n for n in (layers if layers is not None else modules)
+             if isinstance(modules[n], nn.Linear) and not modules[n].is_float]
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = real_positions(args[0].detach())
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            amax[name] = torch.maximum(amax[name], m) if name in amax else m
+        return fn
+
+    for n in names:
+        modules[n].input_quant.set_smoothing(None)
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with precision(model, FLOAT_BITS):
+            for x in progress(batches(calib, batch_size, device), desc="smoothing", quiet=quiet):
+                run_model(model, x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    spread = {}
+    for n in names:
+        if n not in amax:
+            continue
+        layer = modules[n]
+        w_max = layer.weight.detach().abs().amax(dim=0).float().clamp_min(1e-5)
+        scales = (amax[n].clamp_min(1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
+        layer.input_quant.set_smoothing(scales.to(layer.weight.device))
+        spread[n] = float(scales.max() / scales.min())
+    return spread

@@ -3,8 +3,9 @@
 * :func:`bn_tuning` re-estimates BatchNorm running statistics of the quantized model on the
   calibration data with a cumulative average (``momentum=None``), so they describe the quantized
   activations rather than the float ones.
-* :func:`bias_tuning` learns the biases of quantized layers and the BatchNorm affine terms so the
-  quantized model's logits match the float model's (KL divergence); no labels are used.
+* :func:`bias_tuning` learns the biases of quantized layers and the BatchNorm and LayerNorm affine
+  terms so the quantized model's outputs match the float model's (KL divergence of the logits, or
+  the relative squared error of the hidden states of a model without logits); no labels are used.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..evaluation import logits_of
+from .. import inputs as mi
+from ..evaluation import compared_output, output_discrepancy
 from ..progress import progress
 from ..quant import QUANT_LAYER_TYPES, FLOAT_BITS, precision, quant_layers
 from .calibdata import CalibData, batches, calibration_tensor
@@ -69,10 +70,10 @@ def bn_tuning(model: nn.Module, calib_data: CalibData, *, batch_size: int = 128,
             bn.momentum = None
             bn.train()
         chunks = list(batches(calib, batch_size))
-        if len(chunks) > 1 and chunks[-1].shape[0] < 2:  # a batch of one has no variance
+        if len(chunks) > 1 and mi.num_samples(chunks[-1]) < 2:  # a batch of one has no variance
             chunks = chunks[:-1]
         for x in progress(chunks, desc="BN tuning", quiet=quiet):
-            model(x.to(device))
+            mi.run_model(model, mi.to_device(x, device))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -92,64 +93,110 @@ def bn_tuning(model: nn.Module, calib_data: CalibData, *, batch_size: int = 128,
     return result
 
 
+_NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm with running statistics (something for BN tuning to do)."""
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
 def tunable_biases(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Biases of quantized layers (and plain Conv2d/Linear) and BatchNorm weights/biases, by name."""
+    """Biases of quantized layers (and plain Conv2d/Linear), BatchNorm, LayerNorm and GroupNorm
+    weights and biases, by name."""
     params = {}
     for name, m in model.named_modules():
         if isinstance(m, QUANT_LAYER_TYPES + (nn.Conv2d, nn.Linear)) and getattr(m, "bias", None) is not None:
             params[f"{name}.bias"] = m.bias
-        elif isinstance(m, _BatchNorm) and m.affine:
-            params[f"{name}.weight"] = m.weight
-            params[f"{name}.bias"] = m.bias
+        elif isinstance(m, _NORM_TYPES):
+            for key in ("weight", "bias"):
+                p = getattr(m, key, None)
+                if isinstance(p, nn.Parameter):
+                    params[f"{name}.{key}"] = p
     return params
 
 
 @torch.no_grad()
-def float_logits(float_model: nn.Module, calib: torch.Tensor, device=None) -> torch.Tensor:
-    """The reference logits of ``float_model`` (at full precision) for every calibration input, on the CPU."""
+def float_logits(float_model: nn.Module, calib: mi.Inputs, device=None) -> torch.Tensor:
+    """The reference outputs of ``float_model`` (at full precision) for every calibration input, on the
+    CPU: its logits, or its last hidden states if it has none (see :func:`anybit.evaluation.compared_output`)."""
     device = device if device is not None else _device_of(float_model)
     was_training = float_model.training
     float_model.eval()
+    parts = []
     try:
         with precision(float_model, FLOAT_BITS) if quant_layers(float_model) else contextlib.nullcontext():
-            return torch.cat([logits_of(float_model(x.to(device))).float().cpu() for x in batches(calib, 256)])
+            for start in range(0, mi.num_samples(calib), 256):   # untrimmed: one sequence length for all
+                x = mi.to_device(mi.take(calib, slice(start, start + 256)), device)
+                parts.append(compared_output(mi.run_model(float_model, x))[1].float().cpu())
     finally:
         float_model.train(was_training)
+    return torch.cat(parts)
 
 
 @torch.no_grad()
-def logits_kl(model: nn.Module, targets: torch.Tensor, calib: torch.Tensor, device=None,
+def logits_kl(model: nn.Module, targets: torch.Tensor, calib: mi.Inputs, device=None,
               temperature: float = 1.0) -> float:
-    """Mean ``KL(softmax(targets) || softmax(model(calib)))`` per sample, ``model`` in inference mode."""
+    """Mean discrepancy of ``model(calib)`` from the float outputs ``targets``, ``model`` in inference mode:
+    ``KL(softmax(targets) || softmax(logits))`` per sample, or for hidden states the relative squared error
+    per real token (:func:`anybit.evaluation.output_discrepancy`; padding excluded)."""
     device = device if device is not None else _device_of(model)
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     try:
-        for start in range(0, calib.shape[0], 256):
-            logits = logits_of(model(calib[start:start + 256].to(device)))
-            total += float(_kl_loss(logits, targets[start:start + 256].to(device), temperature, "sum"))
+        for start in range(0, mi.num_samples(calib), 256):
+            s, c = _discrepancy(model, calib, targets, slice(start, start + 256), device, temperature)
+            total, count = total + float(s), count + c
     finally:
         model.train(was_training)
-    return total / calib.shape[0]
+    return total / max(count, 1)
 
 
-def _kl_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
-    log_p = F.log_softmax(logits.reshape(-1, logits.shape[-1]) / temperature, dim=-1)
-    log_q = F.log_softmax(target_logits.reshape(-1, target_logits.shape[-1]) / temperature, dim=-1)
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    return kl if reduction == "sum" else kl / logits.shape[0]
+def _discrepancy(model, calib, targets, index, device, temperature) -> tuple[torch.Tensor, int]:
+    x = mi.to_device(mi.trim_padding(mi.take(calib, index)), device)
+    kind, out = compared_output(mi.run_model(model, x))
+    return output_discrepancy(out, targets[index].to(device), kind, mi.token_mask(x), temperature)
+
+
+def _minibatches(calib: mi.Inputs, batch_size: int, generator: torch.Generator):
+    """Endless random mini-batches of sample indices, each sample once per epoch. For keyword inputs with a
+    padding mask the batches are made of samples of similar length (consecutive in length order, the batch
+    order shuffled), so each batch is trimmed of most of its padding: the same samples, far less compute."""
+    n = mi.num_samples(calib)
+    size = min(batch_size, n)
+    mask = mi.token_mask(calib)
+    while True:
+        if mask is None:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - size + 1, size):
+                yield order[start:start + size]
+            continue
+        noise = torch.rand(n, generator=generator)   # ties between equal lengths broken at random
+        by_length = torch.argsort(mask.sum(1).float() + noise)
+        groups = [by_length[start:start + size] for start in range(0, n - size + 1, size)]
+        for g in torch.randperm(len(groups), generator=generator).tolist():
+            yield groups[g]
+
+
+def output_kind(model: nn.Module, calib: mi.Inputs, device=None) -> str:
+    """``"logits"`` or ``"hidden"``: what PTQ compares in this model's output (one sample is run)."""
+    device = device if device is not None else _device_of(model)
+    with torch.no_grad():
+        return compared_output(mi.run_model(model, mi.to_device(mi.take(calib, slice(0, 1)), device)))[0]
 
 
 def bias_tuning(model: nn.Module, float_model: nn.Module, calib_data: CalibData, *, iters: int = DEFAULT_BIAS_ITERS,
                 batch_size: int = DEFAULT_BIAS_BATCH_SIZE, lr: float = DEFAULT_BIAS_LR, optimizer: str = "adam",
                 temperature: float = 1.0, reference_logits: torch.Tensor | None = None, num_samples: int | None = None,
                 seed: int = 0, quiet: bool = True) -> dict:
-    """Learn biases and BatchNorm affine terms of ``model`` so its logits match ``float_model``'s.
+    """Learn biases and BatchNorm/LayerNorm affine terms of ``model`` so its outputs match ``float_model``'s.
 
     Loss: ``KL(softmax(float) || softmax(quantized))`` over mini-batches of the calibration data,
-    no labels. Everything else (weights, ranges, BatchNorm statistics) stays fixed; BatchNorm runs
-    in inference mode. The result is kept only if the KL over the whole calibration set went down.
+    no labels -- or, for a model without logits, the relative squared error of its last hidden states
+    per real token (padding excluded). Everything else (weights, ranges, BatchNorm statistics) stays
+    fixed; BatchNorm runs in inference mode. The result is kept only if the discrepancy over the whole
+    calibration set went down.
     ``optimizer`` is ``"adam"`` (default) or ``"sgd"`` (the reference code's, with ``lr=0.1``).
     ``reference_logits``: the float model's logits on the same data, if already computed.
     """
@@ -185,14 +232,11 @@ def bias_tuning(model: nn.Module, float_model: nn.Module, calib_data: CalibData,
                else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
         generator = torch.Generator().manual_seed(seed)
-        n = calib.shape[0]
-        order, cursor = torch.randperm(n, generator=generator), 0
+        draw = _minibatches(calib, batch_size, generator)
         for _ in progress(range(iters), desc="bias tuning", quiet=quiet):
-            if cursor + min(batch_size, n) > n:
-                order, cursor = torch.randperm(n, generator=generator), 0
-            idx = order[cursor:cursor + batch_size]
-            cursor += batch_size
-            loss = _kl_loss(logits_of(model(calib[idx].to(device))), targets[idx].to(device), temperature, "mean")
+            idx = next(draw)
+            total, count = _discrepancy(model, calib, targets, idx, device, temperature)
+            loss = total / max(count, 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -11,6 +11,8 @@ import torch
 
 FLOAT_BITS = 32
 VALID_BITS = tuple(range(1, 17)) + (FLOAT_BITS,)
+ACT_GRANULARITIES = ("tensor", "token")
+"""Activation ranges: one calibrated range per tensor, or one per token (row) computed at run time."""
 
 
 class BitsError(ValueError):
@@ -156,16 +158,34 @@ def weight_bias_correction(
     ``Ŵ_c = (Q(W)_c - mean(Q(W)_c)) * std(W_c) / std(Q(W)_c) + mean(W_c)``. A channel whose
     quantized values are all equal has no spread to rescale and becomes ``mean(W_c)``.
     """
-    flat_q = w_q.reshape(w_q.shape[0], -1)
+    return apply_wbc(w_q, *wbc_terms(w, w_q, detach, eps))
+
+
+def wbc_terms(w: torch.Tensor, w_q: torch.Tensor, detach: bool = True,
+              eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output channel ``(mean(Q(W)_c), std(W_c) / std(Q(W)_c), mean(W_c))``: the affine map weight
+    bias correction applies to the channel's quantized values (:func:`apply_wbc`)."""
     flat_w = w.reshape(w.shape[0], -1)
     if detach:
         flat_w = flat_w.detach()
+    return wbc_terms_from_stats(w_q, flat_w.mean(dim=1), flat_w.std(dim=1, unbiased=False), detach, eps)
+
+
+def wbc_terms_from_stats(w_q: torch.Tensor, mean_w: torch.Tensor, std_w: torch.Tensor, detach: bool = True,
+                         eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`wbc_terms` from the float weight's per-channel mean and std (all a packed export stores: the
+    quantized weight's statistics follow from its codes)."""
+    flat_q = w_q.reshape(w_q.shape[0], -1)
     stats_q = flat_q.detach() if detach else flat_q
     mean_q = stats_q.mean(dim=1)
     std_q = stats_q.std(dim=1, unbiased=False)
-    mean_w = flat_w.mean(dim=1)
-    std_w = flat_w.std(dim=1, unbiased=False)
     gain = torch.where(std_q > eps, std_w / std_q.clamp_min(eps), torch.zeros_like(std_q))
+    return mean_q, gain, mean_w
+
+
+def apply_wbc(w_q: torch.Tensor, mean_q: torch.Tensor, gain: torch.Tensor, mean_w: torch.Tensor) -> torch.Tensor:
+    """``(Q(W)_c - mean_q_c) * gain_c + mean_w_c`` per output channel (exported models apply it the same way)."""
+    flat_q = w_q.reshape(w_q.shape[0], -1)
     out = (flat_q - mean_q[:, None]) * gain[:, None] + mean_w[:, None]
     return out.reshape(w_q.shape)
 
@@ -282,3 +302,18 @@ def fake_quant_learned_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     if x.device.type == "cpu":
         return _LearnedGridFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor)
     return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qmin, qmax, grad_factor)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token fake quantization: every row (the last dimension: one token's features, or one
+    sample's) gets its own unsigned ``bits``-bit grid over ``[min(row, 0), max(row, 0)]``, computed from
+    the input itself. Nothing is clipped, so the straight-through gradient reaches every element. This is
+    what an integer kernel with per-row activation scales (applied after the integer matmul) computes."""
+    flat = x.detach()
+    lo = flat.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = flat.amax(dim=-1, keepdim=True).clamp(min=0)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(flat / scale) + zero_point, 0, levels)
+    return x + ((q - zero_point) * scale - flat)

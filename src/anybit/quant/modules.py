@@ -16,6 +16,10 @@ from .functional import FLOAT_BITS, check_bits, weight_bias_correction
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
+class FrozenPrecisionError(ValueError):
+    """A layer of a packed export asked to run at a weight precision it was not exported at."""
+
+
 class QuantModule:
     """Precision state and weight/input quantizers shared by every quantizable layer.
 
@@ -29,6 +33,7 @@ class QuantModule:
     wbc: bool
     wbc_detach: bool
     precision_trace = None   # a PrecisionTrace shared with per-precision BatchNorms (set by convert)
+    frozen_bits: int | None = None   # the weights hold their quantized values at this bit-width (packed exports)
 
     def _init_quant(
         self,
@@ -63,8 +68,25 @@ class QuantModule:
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
 
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / s`` with the layer's smoothing scales (SmoothQuant; per input channel), else ``x``."""
+        s = self.input_quant.smoothing() if isinstance(self, nn.Linear) else None
+        return x if s is None else x / s
+
+    def smooth_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W * s`` (scales on the input dimension) with the layer's smoothing scales, else ``W``."""
+        s = self.input_quant.smoothing() if isinstance(self, nn.Linear) else None
+        return weight if s is None else weight * s
+
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as used at the current precision (weight bias correction applied if on)."""
+        if self.frozen_bits is not None:
+            if self.w_bits != self.frozen_bits:
+                raise FrozenPrecisionError(
+                    f"this layer was loaded from a packed export whose weights are quantized at {self.frozen_bits} "
+                    f"bits; it cannot run at {self.w_bits}-bit weights. Load the source checkpoint or an "
+                    f"every-precision package (anybit export --bits 1-8) for other precisions")
+            return weight
         w_q = self.weight_quant(weight, self.w_bits)
         if self.wbc and self.w_bits != FLOAT_BITS:
             w_q = weight_bias_correction(weight, w_q, detach=self.wbc_detach)
@@ -130,7 +152,8 @@ class QuantLinear(nn.Linear, QuantModule):
         self.record_precision()
         if self.runs_float_forward:
             return super().forward(x)
-        return F.linear(self.input_quant(x, self.a_bits), self.quantize_weight(self.weight), self.bias)
+        return F.linear(self.input_quant(self.smooth_input(x), self.a_bits),
+                        self.quantize_weight(self.smooth_weight(self.weight)), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.quant_extra_repr()

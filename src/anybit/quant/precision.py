@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..inputs import is_keyword_inputs, num_samples
 from .functional import FLOAT_BITS, BitsError, check_bits
 from .modules import QUANT_LAYER_TYPES, SwitchableBatchNorm, precision_key
 
@@ -181,14 +182,26 @@ def _macs(layer: nn.Module, inputs: tuple, output) -> int:
 @torch.no_grad()
 def quantizable_layers(model: nn.Module, example_input: torch.Tensor | tuple | None = None) -> list[LayerInfo]:
     """List quantizable layers with weight parameter counts and, given an example input
-    (batch of one or more), multiply-accumulates per sample (``macs`` is ``None`` otherwise)."""
+    (batch of one or more: a tensor, a tuple of positional inputs or a dict of keyword inputs),
+    multiply-accumulates per sample (``macs`` is ``None`` otherwise).
+
+    With an example input, converted layers whose own forward never runs (their parent uses the weight
+    directly) are first turned back into float layers and reported (:func:`anybit.quant.check_layers_run`):
+    they are never listed as quantizable."""
+    if not quant_layers(model):
+        raise NotConvertedError("this model has no quantizable layers: call anybit.convert(model) first")
+    if example_input is not None:
+        from .convert import check_layers_run
+
+        check_layers_run(model, example_input)
     layers = quant_layers(model)
     if not layers:
-        raise NotConvertedError("this model has no quantizable layers: call anybit.convert(model) first")
+        raise NotConvertedError("no layer of this model runs its quantized forward: nothing is quantizable")
     macs: dict[str, int] = {}
     if example_input is not None:
+        keyword = is_keyword_inputs(example_input)
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        batch = args[0].shape[0]
+        batch = num_samples(example_input) if keyword else args[0].shape[0]
         hooks = [
             layer.register_forward_hook(
                 lambda mod, inp, out, n=name: macs.__setitem__(
@@ -201,7 +214,7 @@ def quantizable_layers(model: nn.Module, example_input: torch.Tensor | tuple | N
         try:
             model.eval()
             with precision(model, FLOAT_BITS):
-                model(*args)
+                model(**example_input) if keyword else model(*args)
         finally:
             model.train(was_training)
             for h in hooks:

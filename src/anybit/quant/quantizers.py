@@ -8,10 +8,13 @@ An :class:`ActQuantizer` keeps one activation range shared by every bit-width, l
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .functional import (
+    ACT_GRANULARITIES,
     FLOAT_BITS,
     WEIGHT_QUANTIZERS,
     clamp_fixed,
@@ -19,6 +22,7 @@ from .functional import (
     fake_quant_fixed_grid,
     fake_quant_learned_grid,
     integer_range,
+    fake_quant_per_token,
     minmax_scale_zero_point,
 )
 
@@ -26,6 +30,9 @@ from .functional import (
 class RangeNotCalibratedError(RuntimeError, ValueError):
     """An activation range was needed before it was learnt or calibrated (a ``ValueError`` too, like
     anybit's other errors a user can fix: the command line prints it without a traceback)."""
+
+
+_BITS_KEY = re.compile(r"^b(\d+)_")
 
 
 class _PerBitRanges(nn.Module):
@@ -36,7 +43,7 @@ class _PerBitRanges(nn.Module):
         self.ranges = nn.ParameterDict()
 
     def calibrated_bits(self) -> list[int]:
-        return sorted({int(k.split("_")[0][1:]) for k in self.ranges.keys()})
+        return sorted({int(m.group(1)) for k in self.ranges.keys() if (m := _BITS_KEY.match(k))})
 
     def clear_ranges(self, bits: int | None = None) -> None:
         for key in list(self.ranges.keys()):
@@ -125,13 +132,17 @@ class ActQuantizer(_PerBitRanges):
     """
 
     def __init__(self, mode: str = "learned", init_range: tuple[float, float] = (0.0, 1.0),
-                 clip_float: bool = False, signed: bool = False) -> None:
+                 clip_float: bool = False, signed: bool = False, granularity: str = "tensor") -> None:
         super().__init__()
         self.clip_float = clip_float  # clip (without rounding) at 32 bits too: QuantSpec.act_clip_float
         if mode not in ("learned", "fixed"):
             raise ValueError(f"activation quantizer mode {mode!r} is unknown: expected 'learned' or 'fixed'")
+        if granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"activation granularity {granularity!r} is unknown: expected one of "
+                             f"{list(ACT_GRANULARITIES)}")
         self.mode = mode
         self.signed = bool(signed)
+        self.granularity = granularity
         lo, hi = float(init_range[0]), float(init_range[1])
         if not hi > lo:
             raise ValueError(f"activation range {init_range!r} is empty: expected (lo, hi) with hi > lo")
@@ -141,7 +152,25 @@ class ActQuantizer(_PerBitRanges):
         learn = mode == "learned"
         self.lo = nn.Parameter(torch.tensor(lo), requires_grad=learn and not self.signed)
         self.hi = nn.Parameter(torch.tensor(hi), requires_grad=learn)
-        self.register_buffer("initialized", torch.tensor(mode == "fixed"))
+        self.register_buffer("initialized", torch.tensor(mode == "fixed" or granularity == "token"))
+
+    def smoothing(self) -> torch.Tensor | None:
+        """Per-input-channel smoothing scales ``s`` (SmoothQuant), if calibrated: the layer quantizes ``x / s``
+        and ``W * s`` instead of ``x`` and ``W`` -- the same product, with the activation outliers moved
+        into the weights. Set by :meth:`set_smoothing`; used at every quantized precision."""
+        return self.ranges["smooth"] if "smooth" in self.ranges else None
+
+    def set_smoothing(self, scales: torch.Tensor | None) -> None:
+        if scales is None:
+            if "smooth" in self.ranges:
+                del self.ranges["smooth"]
+            return
+        self.ranges["smooth"] = nn.Parameter(scales.detach().clone().float(), requires_grad=False)
+
+    @property
+    def dynamic(self) -> bool:
+        """Per-token ranges computed from each input at run time: nothing to calibrate."""
+        return self.granularity == "token"
 
     @torch.no_grad()
     def init_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
@@ -175,6 +204,8 @@ class ActQuantizer(_PerBitRanges):
                     return torch.clamp(x, self._shared_lo(), self.hi)
                 return clamp_fixed(x, self._shared_lo(), self.hi)
             return x
+        if self.granularity == "token":
+            return fake_quant_per_token(x, bits)
         lo, hi = self.range_for(bits)
         if lo is self.lo and not bool(self.initialized):
             if not self.training:
@@ -207,4 +238,5 @@ class ActQuantizer(_PerBitRanges):
         return fake_quant_learned_grid(x, scale, zero, bits, grad_factor, signed=signed)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}" + (", signed" if self.signed else "")
+        return (f"mode={self.mode}" + (", signed" if self.signed else "")
+                + (", granularity=token" if self.granularity == "token" else ""))

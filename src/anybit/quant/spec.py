@@ -6,21 +6,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .batchnorm import UNTRAINED_RULES
-from .functional import WEIGHT_QUANTIZERS, check_bits
+from .functional import ACT_GRANULARITIES, WEIGHT_QUANTIZERS, check_bits
 
 
 class SpecError(ValueError):
     """An invalid quantization setting."""
 
 
+DEFAULT_KEEP_FIRST_LAST = 8
+"""The one rule for the first and last quantizable layers: pinned at 8 bits unless told otherwise (``QuantSpec``,
+``anybit.convert``, ``anybit.ptq``, ``anybit mixed`` on float checkpoints). Multi-bit training pins them at 32
+instead (``TrainConfig.keep_first_last``): its fixed [0, 1] activation clip would destroy the first layer's signed
+input at any integer precision. ``None`` quantizes them like every other layer."""
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How :func:`anybit.convert` quantizes a model.
 
-    weight: weight quantizer, ``"dorefa"`` (Any-Precision style), ``"symmetric"`` or ``"asymmetric"``.
+    weight: weight quantizer, ``"symmetric"`` (default: per-channel, approximates a float model),
+        ``"asymmetric"`` or ``"dorefa"`` (Any-Precision style, the multi-bit training methods' choice).
     weight_per_channel: per-output-channel ranges; ``None`` = per-tensor for dorefa, per-channel otherwise.
     act: activation range ``"learned"`` (LSQ-style, starts at the first batch's min/max) or ``"fixed"``.
     act_range: the fixed range (or the starting value of a learned one before data is seen).
+    act_granularity: ``"tensor"`` (one range per layer input, learnt or calibrated) or ``"token"`` (dynamic:
+        a range per row -- per token of a transformer -- computed from each input at run time; Linear and
+        MultiheadAttention inputs only, Conv2d inputs keep one range per tensor).
     act_clip_float: also clip the input of every quantizable layer that is not pinned to the activation
         range at 32 bits (a clipped-ReLU float path), so that one shared BatchNorm sees the same activation
         distribution at every precision (the emqnet method). Off: 32 bits is exactly the float model.
@@ -34,7 +45,8 @@ class QuantSpec:
         ``"interpolate"``, ``"nearest"`` or ``"shared"`` (see ``PrecisionBatchNorm2d.statistics``).
     bn_bits: precisions that get their own BatchNorm (``bn="switchable"``) or their own statistics
         (``bn_stats="per-precision"``).
-    keep_first_last: pin the first and last quantizable layers at this bit-width (``None``: not pinned).
+    keep_first_last: pin the first and last quantizable layers at this bit-width (default 8,
+        :data:`DEFAULT_KEEP_FIRST_LAST`; ``None``: not pinned).
     skip: layer names or glob patterns left in float.
     act_signed: a symmetric activation grid over ``[-r, r]``, ``r = max|act_range|`` (1 bit: ``{0, r}``), for
         signed inputs such as LayerNorm outputs; off: the unsigned grid over ``act_range`` widened to 0.
@@ -45,10 +57,11 @@ class QuantSpec:
         over [-8, 0]).
     """
 
-    weight: str = "dorefa"
+    weight: str = "symmetric"
     weight_per_channel: bool | None = None
     act: str = "learned"
     act_range: tuple[float, float] = (0.0, 1.0)
+    act_granularity: str = "tensor"
     act_clip_float: bool = False
     wbc: bool = False
     wbc_detach: bool = True
@@ -56,7 +69,7 @@ class QuantSpec:
     bn_stats: str = "shared"
     bn_untrained: str = "interpolate"
     bn_bits: tuple[int, ...] = ()
-    keep_first_last: int | None = None
+    keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST
     skip: tuple[str, ...] = field(default_factory=tuple)
     act_signed: bool = False
     attn_matmul: bool = False
@@ -67,6 +80,9 @@ class QuantSpec:
             raise SpecError(f"weight={self.weight!r} is unknown: expected one of {sorted(WEIGHT_QUANTIZERS)}")
         if self.act not in ("learned", "fixed"):
             raise SpecError(f"act={self.act!r} is unknown: expected 'learned' or 'fixed'")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise SpecError(f"act_granularity={self.act_granularity!r} is unknown: expected one of "
+                            f"{list(ACT_GRANULARITIES)}")
         if self.bn not in ("shared", "switchable"):
             raise SpecError(f"bn={self.bn!r} is unknown: expected 'shared' or 'switchable'")
         if self.bn_stats not in ("shared", "per-precision"):

@@ -26,9 +26,20 @@ class CSVLog:
                 writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
 
     def rewrite(self, rows: Iterable[Mapping]) -> None:
-        """Replace the file with ``rows`` (used on resume, to drop rows of an epoch that did not finish)."""
-        self.path.unlink(missing_ok=True)
-        self.append(rows)
+        """Replace the file with ``rows`` (used on resume, to drop rows of an epoch that did not finish),
+        atomically: an interruption leaves the old file or the new one, never a half-written one."""
+        from ..checkpoint import _atomic_write
+
+        rows = list(rows)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
+
+        _atomic_write(self.path, write)
 
 
 def _fmt(value):

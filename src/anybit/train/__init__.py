@@ -7,7 +7,7 @@
 """
 
 from .bn import NoSwitchableBNError, bn_bits, recalibrate_bn, reestimate_bn, shared_bn_recalibrated
-from .config import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, TrainConfig, TrainConfigError
+from .config import CORESET_SCORES, DISTILL_CHOICES, METHOD_NAMES, DivergenceError, TrainConfig, TrainConfigError
 from .distill import Distillation, TeacherMemory, soft_cross_entropy
 from .methods import METHODS, BitModels, Method, build_models, nearest_bits
 from .sampling import CoresetOptions, EpochSampler, FullDataSampler, make_sampler
@@ -16,7 +16,8 @@ from .step import BitResult, MultiBitStep, prepare_model
 from .trainer import MultiBitTrainer, check_same_config
 
 __all__ = [
-    "BitModels", "BitResult", "MultiBitStep", "TeacherMemory", "prepare_model", "CORESET_SCORES", "CoresetOptions", "DISTILL_CHOICES", "Distillation", "EpochSampler",
+    "BitModels", "BitResult", "CORESET_SCORES", "CoresetOptions", "DISTILL_CHOICES", "Distillation", "DivergenceError",
+    "EpochSampler", "MultiBitStep", "TeacherMemory", "prepare_model",
     "FullDataSampler", "METHODS", "METHOD_NAMES", "Method", "MultiBitTrainer", "NoSwitchableBNError",
     "ResumeError", "TrainConfig", "TrainConfigError", "bn_bits", "build_models", "check_same_config",
     "make_sampler", "nearest_bits", "recalibrate_bn", "reestimate_bn", "shared_bn_recalibrated",

@@ -16,7 +16,11 @@ from .methods import nearest_bits
 
 
 class NoSwitchableBNError(ValueError):
-    """BN re-calibration was asked for a model whose BatchNorm is shared by all bit-widths."""
+    """BN re-calibration was asked for a model whose BatchNorm is shared by all bit-widths, or that has none."""
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, SwitchableBatchNorm)) for m in model.modules())
 
 
 def switchable_bns(model: nn.Module) -> list[SwitchableBatchNorm]:
@@ -50,6 +54,9 @@ def recalibrate_bn(
     """
     bits = check_bits(bits, "bits")
     bns = switchable_bns(model)
+    if not _has_batchnorm(model):
+        raise NoSwitchableBNError(f"this model ({type(model).__name__}) has no BatchNorm: there are no statistics to "
+                                  f"re-calibrate, and every bit-width runs as it is")
     if not bns:
         raise NoSwitchableBNError(
             "this model has one BatchNorm shared by all bit-widths (emqnet/dedicated): every bit-width "
@@ -129,6 +136,9 @@ def shared_bn_recalibrated(
     if batches < 1:
         raise ValueError(f"batches={batches} must be at least 1")
     targets = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not targets:
+        raise NoSwitchableBNError(f"this model ({type(model).__name__}) has no BatchNorm: there are no statistics to "
+                                  f"re-estimate at {bits} bits")
     if device is None:
         device = next(model.parameters()).device
     saved = bn_state(targets)

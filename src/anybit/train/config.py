@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..quant import check_bits, parse_bit_list
@@ -15,6 +16,11 @@ BN_STATS = ("shared", "per-precision")
 BN_UNTRAINED = ("interpolate", "nearest", "shared")
 CORESET_STEPS = ("full", "subset")
 
+# The first/last-layer rule (anybit.quant.DEFAULT_KEEP_FIRST_LAST = 8) has one exception: multi-bit training
+# clips every layer's input to a fixed [0, 1], which would destroy the first layer's signed pixels at any integer
+# precision, so training keeps the first and last layer in float (Any-Precision's and emqnet's choice).
+TRAINING_KEEP_FIRST_LAST = 32
+
 # Method defaults: filled in by TrainConfig.resolved() where a setting was left as None.
 _METHOD_DEFAULTS = {
     "dedicated": {"distill": "none", "coreset_fraction": 1.0},
@@ -26,6 +32,13 @@ _OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adam": {"lr": 
 
 class TrainConfigError(ValueError):
     """An invalid training setting (the message names the setting, the value and what is allowed)."""
+
+
+class DivergenceError(ValueError):
+    """Training stopped at a non-finite loss (NaN or infinity), before the optimizer step that would have spread
+    it into the weights; the message names the learning rate (``--lr``) to lower."""
+
+    resumable = False   # a resume with the same settings would diverge again
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class TrainConfig:
     schedule: str = "cosine"
     distill: str | None = None
     label_smoothing: float = 0.0
-    keep_first_last: int | None = 32
+    keep_first_last: int | None = TRAINING_KEEP_FIRST_LAST
     coreset_fraction: float | None = None
     coreset_score: str = "random"
     coreset_refresh: int = 0
@@ -98,10 +111,10 @@ class TrainConfig:
             _int_at_least(name, getattr(self, name), 1)
         for name in ("coreset_refresh", "coreset_warmup", "final_bn_batches", "eval_every", "num_workers"):
             _int_at_least(name, getattr(self, name), 0)
-        if self.lr is not None and not self.lr > 0:
-            raise TrainConfigError(f"lr={self.lr!r} must be a positive number")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise TrainConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise TrainConfigError(f"lr={self.lr!r} must be a finite positive number")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise TrainConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
         if not 0 <= self.momentum < 1:
             raise TrainConfigError(f"momentum={self.momentum!r} must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:

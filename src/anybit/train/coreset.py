@@ -92,7 +92,7 @@ class BitwiseCoresetSampler:
         self,
         num_samples: int,
         fraction: float = 0.2,
-        score: str = "el2n",
+        score: str = "random",
         refresh: int = 0,
         warmup: int = 0,
         seed: int = 0,
@@ -318,7 +318,7 @@ def build_sampler(options, dataset, bits: Sequence[int] | None = None, *, rank: 
     ``rank``, ``world_size``, ``batch_size``) attributes, e.g. ``anybit.train.sampling.CoresetOptions``."""
     get = lambda name, default: getattr(options, name, default)  # noqa: E731
     return BitwiseCoresetSampler(
-        len(dataset), get("fraction", 0.2), get("score", "el2n"), refresh=get("refresh", 0),
+        len(dataset), get("fraction", 0.2), get("score", "random"), refresh=get("refresh", 0),
         warmup=get("warmup", 0), seed=get("seed", 0), rank=get("rank", rank),
         world_size=get("world_size", world_size), batch_size=get("batch_size", batch_size),
         alpha=get("alpha", 1.0), floor=get("floor", 0.1), shared_subset=get("shared_subset", False),

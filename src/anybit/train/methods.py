@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..quant import QuantSpec, SwitchableBatchNorm, convert, quant_layers
+from ..quant import QuantSpec, SwitchableBatchNorm, check_layers_run, convert, quant_layers
 from .config import TrainConfig, TrainConfigError
 
 # Activation quantizer of every method: Any-Precision's fixed clip to [0, 1] (BatchNorm's affine terms
@@ -124,16 +124,37 @@ def nearest_bits(bits: int, trained: tuple[int, ...] | list[int]) -> int:
     return min(trained, key=lambda t: (abs(t - bits), -t))
 
 
-def build_models(model: nn.Module, config: TrainConfig) -> BitModels:
+def build_models(model: nn.Module, config: TrainConfig, example_input=None) -> BitModels:
     """Convert ``model`` (any float ``nn.Module``) for ``config.method``; copies it per bit-width for
     ``dedicated``. An already converted model is used as it is (its own spec), after a check that a
-    switchable-BN model has a BatchNorm for every trained bit-width."""
+    switchable-BN model has a BatchNorm for every trained bit-width. With ``example_input`` a check
+    forward turns layers that never run their own forward back into float (reported, see
+    :func:`anybit.quant.check_layers_run`). A model left with no layer that follows the precision
+    (every one pinned by ``keep_first_last``) is refused: its bit-widths would train identical copies."""
     method = METHODS[config.method]
     spec = method.spec_for(config, model)
     if method.shared:
-        return BitModels({"all": _converted(model, spec, config)}, config.bits)
-    members = {f"b{b}": _converted(copy.deepcopy(model), spec, config) for b in config.bits}
-    return BitModels(members, config.bits)
+        models = BitModels({"all": _converted(model, spec, config)}, config.bits)
+    else:
+        models = BitModels({f"b{b}": _converted(copy.deepcopy(model), spec, config) for b in config.bits},
+                           config.bits)
+    for member in models.values():
+        if example_input is not None:
+            check_layers_run(member, example_input)
+        _check_something_quantized(member, config)
+    return models
+
+
+def _check_something_quantized(model: nn.Module, config: TrainConfig) -> None:
+    layers = quant_layers(model)
+    low = [b for b in config.bits if b < 32]
+    if low and layers and all(layer.pinned is not None for layer in layers.values()):
+        pin = next(iter(layers.values())).pinned[0]
+        raise TrainConfigError(
+            f"keep_first_last={pin} pins every quantizable layer of {type(model).__name__} (its {len(layers)} "
+            f"layer(s) are the first and the last), so bit-widths {low} would train identical copies at {pin} bits: "
+            f"quantize them too (--keep-first-last none, TrainConfig(keep_first_last=None)) or use a model with "
+            f"more layers")
 
 
 def _converted(model: nn.Module, spec: QuantSpec, config: TrainConfig) -> nn.Module:

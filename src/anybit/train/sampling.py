@@ -61,7 +61,7 @@ class CoresetOptions:
     """Settings passed to the bit-wise coreset sampler (see ``anybit train --coreset-*``)."""
 
     fraction: float = 0.2
-    score: str = "el2n"
+    score: str = "random"
     refresh: int = 0
     warmup: int = 0
     seed: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,40 @@ def read_state_header(out_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ResumeError(f"there is no training state to resume in {out_dir} (no {path}); "
                           f"start the run without --resume, or with --overwrite to replace the directory")
-    return read_tagged_json(path, STATE_FORMAT, ResumeError, "an anybit training state", "training state")
+    header = read_tagged_json(path, STATE_FORMAT, ResumeError, "an anybit training state", "training state")
+    _check_header(header, path)
+    return header
+
+
+def _check_header(header: dict, path: Path) -> None:
+    """The fields :func:`load_state` and the trainer read have the types and ranges anybit wrote (a
+    hand-edited or damaged state fails here with a message, not deep inside the trainer)."""
+    def bad(what: str) -> ResumeError:
+        return ResumeError(f"{path} is corrupt: {what}; the training state cannot be resumed. Start the run "
+                           f"again (--overwrite), or restore the file")
+
+    state = header.get("state")
+    if not isinstance(state, dict):
+        raise bad("'state' must be an object")
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise bad("'state.config' must be an object")
+    for key in ("history", ):
+        if not isinstance(state.get(key), list):
+            raise bad(f"'state.{key}' must be a list")
+    for key in ("timings", "samples"):
+        if not isinstance(state.get(key), dict):
+            raise bad(f"'state.{key}' must be an object")
+    epochs = config.get("epochs")
+    epoch = header.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(epochs, int) \
+            or not 0 <= epoch <= epochs:
+        raise bad(f"'epoch' is {epoch!r}, expected an epoch count in 0..{epochs!r} (the run's epochs)")
+    if len(state["history"]) != epoch:
+        raise bad(f"'epoch' is {epoch} but the history holds {len(state['history'])} epochs")
+    tensors = header.get("tensors")
+    if not isinstance(tensors, str) or not re.fullmatch(r"state-epoch[0-9]+\.safetensors", tensors):
+        raise bad(f"'tensors' is {tensors!r}, expected a file name state-epochN.safetensors in {path.parent}")
 
 
 def load_state(out_dir: str | os.PathLike) -> tuple[int, dict]:
@@ -124,4 +158,14 @@ def load_state(out_dir: str | os.PathLike) -> tuple[int, dict]:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tensors_path} could not be read ({e}); the training state is corrupt") from e
-    return header["epoch"], unflatten(header["state"], tensors)
+    try:
+        state = unflatten(header["state"], tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ResumeError(f"{tensors_path.parent / STATE_JSON} is corrupt: it refers to tensors or values that are "
+                          f"not in {tensors_path.name} ({type(e).__name__}: {e}); start the run again "
+                          f"(--overwrite)") from e
+    missing = [k for k in ("models", "optimizer", "schedule", "sampler", "rng") if not isinstance(state.get(k), dict)]
+    if missing:
+        raise ResumeError(f"{tensors_path.parent / STATE_JSON} is corrupt: {', '.join(missing)} missing; start the run "
+                          f"again (--overwrite)")
+    return header["epoch"], state

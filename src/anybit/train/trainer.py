@@ -9,9 +9,11 @@ top precision, a teacher's soft labels below it) → backward (gradients accumul
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import save
 from ..data import make_loader
-from ..evaluation import evaluate
+from ..evaluation import evaluate, logits_of
 from ..progress import progress
-from ..quant import precision, set_precision
+from ..quant import PrecisionNotTrainedError, RangeNotCalibratedError, precision, set_precision
 from ..report import CSVLog, RunRecorder, format_table, plot_accuracy_vs_bits
 from .bn import reestimate_bn
-from .config import TrainConfig, TrainConfigError, config_differences
+from .config import DivergenceError, TrainConfig, TrainConfigError, config_differences
 from .distill import Distillation, TeacherMemory
 from .methods import METHODS, BitModels, build_models
 from .optim import LRSchedule, build_optimizer
@@ -46,9 +48,10 @@ from .step import MultiBitStep
 
 LOG_COLUMNS = ["epoch", "bits", "lr", "loss", "ce", "train_acc", "test_loss", "test_acc", "samples",
                "train_s", "scoring_s", "eval_s"]
+EVAL_BN_BATCHES = 5         # batches per bit-width re-estimating BatchNorm statistics before a per-epoch evaluation
 MEMORY_LIMIT = 4 * 2**30   # bytes of teacher logits kept for distillation with coreset sampling
 # Settings that may change between an interrupted run and its resumption.
-RESUME_IGNORED = ("device", "quiet", "data_dir", "out", "num_workers", "resume", "overwrite")
+RESUME_IGNORED = ("device", "quiet", "data_dir", "data_source", "out", "num_workers", "resume", "overwrite")
 
 
 class MultiBitTrainer:
@@ -92,7 +95,7 @@ class MultiBitTrainer:
         self.data_info = data_info or {"dataset": getattr(self.train_set, "name", None), "options": {}}
 
         self.bits = cfg.bits_desc                       # training order: highest precision first
-        self.models: BitModels = build_models(model, cfg).to(self.device)
+        self.models: BitModels = build_models(model, cfg, _example(self.train_set)).to(self.device)
         self.optimizer = build_optimizer(self.models, cfg)
         self.schedule = LRSchedule(self.optimizer, cfg.schedule, cfg.epochs)
         self.sampler = sampler if sampler is not None else make_sampler(
@@ -105,7 +108,8 @@ class MultiBitTrainer:
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
         self.samples = {str(b): {"train": 0, "scoring": 0, "final_bn": 0} for b in self.bits}
-        self.final: dict[str, dict] = {}
+        self.final: dict[int, dict] = {}
+        self.warnings: list[str] = []
         self.recorder = RunRecorder(self.out_dir, "train", self.full_config()) if self.out_dir else None
         self._log = CSVLog(self.out_dir / "log.csv", LOG_COLUMNS) if self.out_dir else None
 
@@ -128,7 +132,7 @@ class MultiBitTrainer:
             if epoch + 1 == cfg.epochs and cfg.final_bn_batches:
                 record["seconds"]["final_bn"] = self._reestimate_bn(record)
             if self.test_data is not None and self._eval_due(epoch):
-                record["seconds"]["eval"] = self._timed_eval(record)
+                record["seconds"]["eval"] = self._timed_eval(record, epoch)
             self.history.append(record)
             self.epoch = epoch + 1
             now = time.perf_counter()
@@ -137,34 +141,43 @@ class MultiBitTrainer:
             self._end_epoch(record)
         self.add_time("fit", time.perf_counter() - start)
         self.final = self._final_metrics()
+        self._warn_if_collapsed()
         if self.out_dir is not None:
             self._write_outputs()
         for model in self._unique_models():
             set_precision(model, max(self.config.bits))
         return {"final": self.final, "history": self.history, "timings_s": dict(self.timings),
-                "samples": self.samples}
+                "samples": {int(b): v for b, v in self.samples.items()}}
 
     def model_for(self, bits: int) -> nn.Module:
         """The trained network that runs at ``bits`` (for dedicated: the one trained nearest to it)."""
         return self.models.for_bits(bits)
 
-    def evaluate(self, bits: Iterable[int] | None = None, data: Dataset | Iterable | None = None) -> dict[str, dict]:
-        """Test accuracy and loss at each bit-width (default: the trained ones), on ``data`` or the test data."""
+    def evaluate(self, bits: Iterable[int] | None = None, data: Dataset | Iterable | None = None) -> dict[int, dict]:
+        """:func:`anybit.evaluation.evaluate` (``accuracy``, ``loss``, ``samples``, ``seconds``) at each bit-width
+        (default: the trained ones), keyed by bit-width, on ``data`` or the test data. A bit-width the model
+        cannot run as it is (a switchable BatchNorm without statistics for it) is left out with a warning."""
         loader = self._eval_loader(data if data is not None else self.test_data)
-        results = {}
+        results, skipped = {}, {}
         for b in (self.bits if bits is None else bits):
             model = self.models.for_bits(b)
-            with precision(model, b):
-                results[str(b)] = evaluate(model, loader, self.device, desc=f"eval {b}-bit", quiet=self.quiet)
+            try:
+                with precision(model, b):
+                    results[b] = evaluate(model, loader, self.device, desc=f"eval {b}-bit", quiet=self.quiet)
+            except (PrecisionNotTrainedError, RangeNotCalibratedError) as e:
+                skipped[b] = str(e)
+        if skipped:
+            warnings.warn(f"not evaluated at {sorted(skipped)} bits: {next(iter(skipped.values()))}", stacklevel=2)
         return results
 
     def summary_table(self, markdown: bool = False) -> str:
         """Per-bit-width table of the final metrics and samples processed."""
         rows = []
         for b in self.bits:
-            m = self.final.get(str(b), {})
+            m = self.final.get(b, {})
             s = self.samples[str(b)]
-            rows.append([b, m.get("test_acc"), m.get("test_loss"), m.get("train_acc"), s["train"], m.get("train_s")])
+            rows.append([b, m.get("accuracy"), m.get("loss"), m.get("train_accuracy"), s["train"],
+                         m.get("train_seconds")])
         headers = ["bits", "test top-1 %", "test loss", "train top-1 %", "samples", "train s"]
         return format_table(headers, rows, markdown=markdown)
 
@@ -193,6 +206,7 @@ class MultiBitTrainer:
         for step, batch in enumerate(bar):
             self.schedule.apply(epoch + step / len(batches))
             logits_at: dict[int, torch.Tensor] = {}
+            step_losses = []
             for b in bits:
                 # 2.-3. forward at b, loss (labels at the top precision, a teacher's soft labels below it if
                 # distilling), backward: gradients of all bit-widths accumulate
@@ -200,7 +214,9 @@ class MultiBitTrainer:
                 result = self.step.run_bit(b, batch, logits_at)
                 stats.add(b, result.loss, result.logits, batch[b][1])
                 stats.timer.stop(b)
-            # 4. one optimizer step for all bit-widths
+                step_losses.append(result.loss)
+            # 4. one optimizer step for all bit-widths (none after a NaN/inf loss: stop with the weights as they are)
+            _check_finite(step_losses, bits, epoch, step, self.optimizer.param_groups[0]["lr"], self.out_dir)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if step % 20 == 0 and not getattr(bar, "disable", True):
@@ -242,31 +258,71 @@ class MultiBitTrainer:
     def _reestimate_bn(self, record: dict) -> float:
         """The final BatchNorm statistics pass (the same for every method; each dedicated model at its
         own bit-width). Returns its seconds."""
+        seconds, record["final_bn"] = self._statistics_pass(self.config.final_bn_batches, self.config.seed)
+        for b, counts in record["final_bn"].items():
+            self.samples[b]["final_bn"] = self.samples[b].get("final_bn", 0) + counts["samples"]
+        return seconds
+
+    def _statistics_pass(self, batches: int, seed: int) -> tuple[float, dict[str, dict]]:
+        """Every BatchNorm's running statistics re-estimated over ``batches`` training batches per bit-width
+        (:func:`reestimate_bn`); returns (seconds, per-bit-width counts)."""
         cfg = self.config
-        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             num_workers=cfg.num_workers)
+        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=seed, num_workers=cfg.num_workers)
         if self.models.shared:
             groups = [(self.models.for_bits(self.bits[0]), self.bits)]
         else:
             groups = [(self.models.for_bits(b), [b]) for b in self.bits]
-        seconds, record["final_bn"] = 0.0, {}
+        seconds, counts = 0.0, {}
         for model, bits in groups:
-            done = reestimate_bn(model, loader, bits, cfg.final_bn_batches, self.device)
+            done = reestimate_bn(model, loader, bits, batches, self.device)
             seconds += done["seconds"]
-            for b, counts in done["bits"].items():
-                record["final_bn"][str(b)] = counts
-                self.samples[str(b)]["final_bn"] = self.samples[str(b)].get("final_bn", 0) + counts["samples"]
-        return seconds
+            counts.update({str(b): c for b, c in done["bits"].items()})
+        return seconds, counts
+
+    @torch.no_grad()
+    def _warn_if_collapsed(self) -> None:
+        """Warn when every trained bit-width gives one and the same output for every input (a training that
+        collapsed to chance), on up to 16 training images."""
+        n = min(len(self.train_set), 16)
+        if n < 2:
+            return
+        images = torch.stack([self.train_set[i][0] for i in range(n)]).to(self.device)
+        for b in self.bits:
+            model = self.models.for_bits(b)
+            was_training = model.training
+            model.eval()
+            try:
+                with precision(model, b):
+                    logits = logits_of(model(images)).float()
+            finally:
+                model.train(was_training)
+            spread = float((logits - logits[:1]).abs().max())
+            if math.isfinite(spread) and spread > 1e-6 * (1.0 + float(logits.abs().max())):
+                return                                     # this bit-width tells inputs apart
+        message = (f"training collapsed: at every trained bit-width ({', '.join(map(str, self.bits))}) the network "
+                   f"gives the same output for every input, so it predicts one class (chance accuracy); lower the "
+                   f"learning rate (--lr) or check the data and labels")
+        self.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
 
     # ------------------------------------------------------------------ evaluation, state and outputs
     def _eval_due(self, epoch: int) -> bool:
         every = self.config.eval_every
         return epoch + 1 == self.config.epochs or (every > 0 and (epoch + 1) % every == 0)
 
-    def _timed_eval(self, record: dict) -> float:
+    def _timed_eval(self, record: dict, epoch: int) -> float:
+        """Test accuracy after an epoch. Before the last one, every BatchNorm's running statistics are first
+        re-estimated on a few batches per bit-width (momentum averages lag far behind weights that still move
+        fast, more so with a set per bit-width), so the line shows what the state saved after this epoch gives;
+        after the last epoch the final statistics pass has just run and the checkpoint is evaluated as saved."""
         t0 = time.perf_counter()
+        if epoch + 1 < self.config.epochs and self.config.final_bn_batches:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                # its augmentation draws must not change the training that follows
+                self._statistics_pass(min(EVAL_BN_BATCHES, self.config.final_bn_batches),
+                                      self.config.seed * 1_000_003 + epoch)
         for b, r in self.evaluate().items():
-            record["bits"][b].update(test_acc=r["accuracy"], test_loss=r["loss"], eval_s=r["seconds"])
+            record["bits"][str(b)].update(test_acc=r["accuracy"], test_loss=r["loss"], eval_s=r["seconds"])
         return time.perf_counter() - t0
 
     def _eval_loader(self, data):
@@ -327,22 +383,24 @@ class MultiBitTrainer:
         self.epoch = epoch
         self._log.rewrite(row for record in self.history for row in _log_rows(record))
 
-    def _final_metrics(self) -> dict[str, dict]:
+    def _final_metrics(self) -> dict[int, dict]:
+        """The result schema (docs/results.md) from the last epoch's record: per bit-width ``accuracy`` and ``loss``
+        on the test data (None when not evaluated), ``train_accuracy``, ``train_loss`` (cross-entropy against the
+        labels), ``objective`` (the loss optimised, distillation included) and ``train_seconds``."""
         if not self.history:
             return {}
         last = self.history[-1]["bits"]
-        keys = ("test_acc", "test_loss", "train_acc", "loss", "ce")
-        final = {b: {k: v for k, v in m.items() if k in keys} for b, m in last.items()}
-        for b in final:
-            final[b]["train_s"] = sum(r["bits"][b]["train_s"] for r in self.history)
-        return final
+        return {int(b): {"accuracy": m.get("test_acc"), "loss": m.get("test_loss"),
+                         "train_accuracy": m.get("train_acc"), "train_loss": m.get("ce"), "objective": m.get("loss"),
+                         "train_seconds": sum(r["bits"][b]["train_s"] for r in self.history)}
+                for b, m in last.items()}
 
     def _write_outputs(self) -> None:
         t0 = time.perf_counter()
         self.save_checkpoint(self.out_dir / "model")
-        accuracy = {b: m["test_acc"] for b, m in self.final.items() if m.get("test_acc") is not None}
+        accuracy = {b: m["accuracy"] for b, m in self.final.items() if m.get("accuracy") is not None}
         if accuracy:
-            plot_accuracy_vs_bits({self.config.method: {int(b): a for b, a in accuracy.items()}},
+            plot_accuracy_vs_bits({self.config.method: accuracy},
                                   self.out_dir / "accuracy.png",
                                   title=f"{self.run_info.get('model', 'model')} ({self.config.method})")
         self.add_time("save", time.perf_counter() - t0)
@@ -355,6 +413,7 @@ class MultiBitTrainer:
         rec.data["method"] = METHODS[self.config.method].summary
         rec.data["conversion"] = getattr(self._unique_models()[0], "anybit_meta", {}).get("conversion")
         rec.data["parameters"] = sum(p.numel() for p in self.models.parameters())
+        rec.data["warnings"] = self.warnings
         rec.write()
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
@@ -397,6 +456,21 @@ def check_same_config(saved: dict, current: dict) -> None:
                           f"Re-run with the saved settings, or start a new run (--overwrite or another --out)")
 
 
+def _check_finite(losses: list[torch.Tensor], bits: list[int], epoch: int, step: int, lr: float,
+                  out_dir: Path | None) -> None:
+    """Raise :class:`DivergenceError` if a loss of this step is NaN or infinite (one host sync per step)."""
+    finite = torch.isfinite(torch.stack(losses))
+    if bool(finite.all()):
+        return
+    b = bits[int((~finite).nonzero()[0, 0])]
+    value = float(losses[bits.index(b)])
+    kept = (f"; the state after epoch {epoch} is kept in {out_dir / 'state'}" if out_dir is not None and epoch
+            else "")
+    raise DivergenceError(f"training diverged: the loss at {b} bits became {value} in epoch {epoch + 1}, step "
+                          f"{step + 1} (learning rate {lr:g}); lower the learning rate (--lr, TrainConfig.lr) and "
+                          f"start again. Stopped before the optimizer step, nothing non-finite was saved{kept}")
+
+
 def epoch_line(record: dict, epochs: int) -> str:
     """One line per finished epoch (printed whether or not stderr is a terminal, so logs show progress)."""
     seconds = sum(record["seconds"].values())
@@ -411,6 +485,16 @@ def epoch_line(record: dict, epochs: int) -> str:
 def _log_rows(record: dict) -> list[dict]:
     return [{"epoch": record["epoch"], "bits": b, "lr": record["lr"], "scoring_s": record["seconds"]["scoring"],
              **m} for b, m in record["bits"].items()]
+
+
+def _example(dataset) -> torch.Tensor | None:
+    """One training input as a batch of one, for the conversion's check forward (None if unavailable)."""
+    try:
+        item = dataset[0]
+    except Exception:  # noqa: BLE001 - any dataset; the check is skipped without an example
+        return None
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else None
 
 
 def _seed_everything(seed: int) -> None:
