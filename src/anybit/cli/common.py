@@ -140,15 +140,16 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 _BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def parse_data_options(items: list[str]) -> dict:
+def parse_data_options(items: list[str], flag: str = "--data-option", example: str = "image_size=28") -> dict:
     """``["num_samples=512", "augment=false"]`` → ``{"num_samples": 512, "augment": False}``: plain
-    integers, finite numbers and true/false are converted; the dataset checks names and ranges."""
+    integers, finite numbers and true/false are converted; the dataset checks names and ranges.
+    ``flag``/``example`` name the option in messages (``--model-option`` parses the same way)."""
     options = {}
     for item in items:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key:
-            raise CLIError(f"--data-option {item!r} is not KEY=VALUE (e.g. --data-option image_size=28)")
+            raise CLIError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} {example})")
         value: object = text
         if _INT.match(text):
             value = int(text)
@@ -161,7 +162,7 @@ def parse_data_options(items: list[str]) -> dict:
                 number = None
             if number is not None:
                 if not math.isfinite(number):
-                    raise CLIError(f"--data-option {item!r}: {text!r} is not a finite number")
+                    raise CLIError(f"{flag} {item!r}: {text!r} is not a finite number")
                 value = number
         options[key] = value
     return options
@@ -214,6 +215,11 @@ def check_model_fits(model: torch.nn.Module, dataset) -> None:
     if classes is not None and classes != getattr(dataset, "num_classes", classes):
         raise CLIError(f"the checkpoint predicts {classes} classes but {name} has {dataset.num_classes}; "
                        f"use the dataset it was trained for (--dataset, --data-option)")
+    size = getattr(model, "anybit_meta", {}).get("arch_kwargs", {}).get("image_size")
+    data_size = getattr(dataset, "image_size", None)
+    if size is not None and data_size is not None and size != data_size:
+        raise CLIError(f"the checkpoint takes {size}x{size} images but {name} gives {data_size}x{data_size}; use the "
+                       f"image size it was trained with (--data-option image_size={size})")
     first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     channels = getattr(dataset, "in_channels", None)
     if first_conv is not None and channels is not None and first_conv.in_channels != channels:

@@ -91,8 +91,12 @@ RECALIBRATE_BATCHES = 20
 
 
 def switchable_bn_bits(meta: dict) -> list[int] | None:
-    """Bit-widths with their own BatchNorm (switchable-BN checkpoints), else None."""
+    """Bit-widths with their own BatchNorm (switchable-BN checkpoints), else None (also for a model converted
+    with ``bn="switchable"`` that has no BatchNorm to switch, such as a LayerNorm ViT)."""
     spec = meta.get("model", {}).get("quant_spec") or {}
+    conversion = meta.get("model", {}).get("conversion") or {}
+    if "switchable_bn" in conversion and not conversion["switchable_bn"]:
+        return None
     return sorted(spec.get("bn_bits", [])) if spec.get("bn") == "switchable" else None
 
 

@@ -53,10 +53,14 @@ def add_parser(subparsers) -> None:
                     "bit-wise coreset), anyprecision (one BatchNorm per bit-width), dedicated (one model per "
                     "bit-width). Evaluates on the test split after each epoch.",
     )
-    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56 or torchvision.<name> "
-                                                       "(default: %(default)s)")
+    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56, vit_tiny or "
+                                                       "torchvision.<name> (default: %(default)s)")
     p.add_argument("--width", type=positive_float, default=1.0,
-                   help=f"width multiplier of the CIFAR ResNets, up to {MAX_WIDTH:g} (default: 1)")
+                   help=f"width multiplier: of the CIFAR ResNets' channels, of vit_tiny's embed_dim, up to "
+                        f"{MAX_WIDTH:g} (default: 1)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, repeatable (vit_tiny: patch_size=7, embed_dim=96, depth=6, num_heads=3, "
+                        "mlp_ratio=4, pool=cls); the classes, input channels and image size come from the dataset")
     add_data_args(p)
     add_data_option_arg(p, "synthetic: num_samples=512")
     p.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N samples")
@@ -131,6 +135,28 @@ def flag_message(e: Exception) -> str:
     return text
 
 
+# Model arguments the dataset decides (and --width); --model-option may not set them.
+_FROM_DATA = {"num_classes": "the dataset's classes", "in_channels": "the dataset's channels",
+              "image_size": "the dataset's image size (--data-option image_size=N where the dataset takes it)",
+              "width": "--width"}
+
+
+def parse_model_options(args: argparse.Namespace) -> dict:
+    """``--model-option KEY=VALUE`` as keyword arguments of the model's builder, checked against what it takes."""
+    options = parse_data_options(args.model_option, "--model-option", "patch_size=7")
+    taken = [k for k in options if k in _FROM_DATA]
+    if taken:
+        raise CLIError(f"--model-option {taken[0]} is not a model option here: it comes from {_FROM_DATA[taken[0]]}")
+    accepted = models.parameters(args.model)   # raises UnknownModelError for an unknown name
+    if accepted is not None:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            allowed = [k for k in accepted if k not in _FROM_DATA]
+            raise CLIError(f"--model-option {unknown[0]} is not an option of {args.model}: it takes "
+                           f"{', '.join(allowed) if allowed else 'none'}")
+    return options
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The training configuration from the command line, validated (raises before any work)."""
     keep = args.keep_first_last
@@ -171,13 +197,14 @@ def validate(args: argparse.Namespace, ctx: DistContext | None = None) -> tuple[
         raise CLIError("--dataset is required: fashion-mnist, cifar10, cifar100, imagefolder or synthetic")
     options = parse_data_options(args.data_option)
     info = anydata.dataset_info(args.dataset, **options)
-    if not (args.model.startswith("torchvision.") or args.model in models.available()):
-        models.create(args.model)  # raises UnknownModelError with suggestions
+    model_options = parse_model_options(args)   # also refuses an unknown model name, with suggestions
     if args.width > MAX_WIDTH:
         raise CLIError(f"--width {args.width:g} is too wide: at most {MAX_WIDTH:g} (ResNet-20 at 16x has about 70 M "
                        f"parameters; Any-Precision's wide model is 5)")
     run_info = {"model": args.model, "width": args.width, "dataset": info["name"], "data_options": options,
                 "train_subset": args.train_subset, "test_subset": args.test_subset}
+    if model_options:
+        run_info["model_options"] = model_options
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise CLIError("--overwrite and --resume contradict each other: choose one")
@@ -194,11 +221,15 @@ def validate(args: argparse.Namespace, ctx: DistContext | None = None) -> tuple[
 
 
 def build_model(args: argparse.Namespace, info: dict, num_classes: int):
-    """The float model named by --model, for the dataset's classes and channels."""
+    """The float model named by --model, for the dataset's classes, channels and (where the model takes it)
+    image size, with --width and --model-option."""
     kwargs = {"num_classes": num_classes, "in_channels": info["in_channels"]}
-    if not args.model.startswith("torchvision."):
+    accepted = models.parameters(args.model) or ()
+    if "width" in accepted:
         kwargs["width"] = args.width
-    return models.create(args.model, **kwargs)
+    if "image_size" in accepted:
+        kwargs["image_size"] = info["image_size"]
+    return models.create(args.model, **kwargs, **parse_model_options(args))
 
 
 def run(args: argparse.Namespace) -> int:

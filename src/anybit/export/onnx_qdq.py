@@ -140,6 +140,10 @@ def activation_grid(layer: nn.Module) -> _Grid | None:
         return None
     quant = layer.input_quant
     lo, hi = quant.range_for(layer.a_bits)
+    if lo is quant.lo and getattr(quant, "signed", False):
+        raise ExportError("a layer's activations use the signed grid (QuantSpec.act_signed, the multi-bit recipe of "
+                          "models without BatchNorm), which ONNX export does not write yet; export it with the "
+                          "packed format (anybit export --format packed) or at 32-bit activations")
     if lo is quant.lo and not bool(quant.initialized):
         raise ExportError("a layer's activation range is not calibrated at this precision; calibrate it first")
     scale, zp = minmax_scale_zero_point(lo.detach(), hi.detach(), layer.a_bits)
@@ -552,7 +556,7 @@ def _emit_layer(b: _Builder, gm: fx.GraphModule, n: fx.Node, x: str, plan: dict,
     elif isinstance(layer, QUANT_LAYER_TYPES) and not layer.runs_float_forward \
             and getattr(layer.input_quant, "clip_float", False) \
             and (layer.input_quant.mode == "fixed" or bool(layer.input_quant.initialized)):
-        lo = b.const(name + "_clip_lo", np.array(float(layer.input_quant.lo), dtype=np.float32))
+        lo = b.const(name + "_clip_lo", np.array(float(layer.input_quant._shared_lo()), dtype=np.float32))
         hi = b.const(name + "_clip_hi", np.array(float(layer.input_quant.hi), dtype=np.float32))
         x = b.node("Clip", [x, lo, hi], name + "_clip")
 

@@ -2,7 +2,9 @@
 Hugging Face ``transformers`` models from a local directory (``transformers`` imported only then)."""
 
 from . import hf
-from .registry import ModelConfigError, UnknownModelError, available, create, register
+from .registry import ModelConfigError, UnknownModelError, available, create, parameters, register
 from .resnet_cifar import MAX_WIDTH, BasicBlock, CifarResNet
+from .vit import VisionTransformer
 
-__all__ = ["hf", "BasicBlock", "CifarResNet", "MAX_WIDTH", "ModelConfigError", "UnknownModelError", "available", "create", "register"]
+__all__ = ["hf", "BasicBlock", "CifarResNet", "MAX_WIDTH", "ModelConfigError", "UnknownModelError", "VisionTransformer",
+           "available", "create", "parameters", "register"]

@@ -1,8 +1,9 @@
 """Model registry: ``anybit.models.create(name, **kw)`` builds reference architectures by name.
 
 Names: ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56`` (CIFAR-style, ``width``,
-``num_classes``, ``in_channels``) and ``torchvision.<name>`` for any torchvision classifier
-(random init, ``num_classes``). The returned model records its name and arguments in
+``num_classes``, ``in_channels``), ``vit_tiny`` (a small Vision Transformer: ``image_size``, ``patch_size``,
+``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``pool``, ``width``, ``num_classes``, ``in_channels``)
+and ``torchvision.<name>`` for any torchvision classifier (random init, ``num_classes``). The returned model records its name and arguments in
 ``model.anybit_meta`` so a checkpoint can rebuild it.
 """
 
@@ -16,8 +17,9 @@ from torch import nn
 
 from .errors import ModelConfigError, UnknownModelError
 from .resnet_cifar import CifarResNet
+from .vit import VisionTransformer
 
-__all__ = ["ModelConfigError", "UnknownModelError", "available", "create", "register"]
+__all__ = ["ModelConfigError", "UnknownModelError", "available", "create", "parameters", "register"]
 
 
 def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
@@ -28,7 +30,17 @@ def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+def vit_tiny(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_classes: int = 10,
+             embed_dim: int = 128, depth: int = 6, num_heads: int = 4, mlp_ratio: float = 2.0, pool: str = "mean",
+             width: float = 1.0) -> nn.Module:
+    """A small ViT (:class:`~anybit.models.VisionTransformer`) for 28x28 / 32x32 images, LayerNorm, no BatchNorm."""
+    return VisionTransformer(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                             num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             mlp_ratio=mlp_ratio, pool=pool, width=width)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {f"resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56)}
+_REGISTRY["vit_tiny"] = vit_tiny
 
 
 def register(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -61,18 +73,33 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def parameters(name: str) -> list[str] | None:
+    """Keyword arguments the builder of ``name`` takes (``None`` where it passes any on, as
+    ``torchvision.<name>`` does). Raises :class:`UnknownModelError` for a name not registered."""
+    if name.startswith("torchvision."):
+        return None
+    builder = _builder(name)
+    params = inspect.signature(builder).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return list(params)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if name.startswith("torchvision."):
+        return _torchvision_builder(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    raise UnknownModelError(
+        f"unknown model {name!r}: expected one of {available()} or torchvision.<name>"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    )
+
+
 def create(name: str, **kwargs) -> nn.Module:
     """Build the model called ``name`` with ``kwargs`` (e.g. ``create("resnet20", width=5)``)."""
-    if name.startswith("torchvision."):
-        builder = _torchvision_builder(name)
-    elif name in _REGISTRY:
-        builder = _REGISTRY[name]
-    else:
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        raise UnknownModelError(
-            f"unknown model {name!r}: expected one of {available()} or torchvision.<name>"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
+    builder = _builder(name)
     params = inspect.signature(builder).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         bad = sorted(set(kwargs) - set(params))

@@ -16,6 +16,8 @@ from torch import nn
 from ..quant import (
     DEFAULT_KEEP_FIRST_LAST,
     QUANT_LAYER_TYPES,
+    ActivationPoint,
+    QuantAct,
     QuantSpec,
     SwitchableBatchNorm,
     convert,
@@ -43,7 +45,8 @@ def float_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` made only of float layers (its 32-bit behaviour, exactly).
 
     Quantizable layers become ``nn.Conv2d``/``nn.Linear``/``nn.MultiheadAttention`` with the same
-    weights; switchable BatchNorms become their 32-bit BatchNorm. A float model is simply copied.
+    weights, quantized activations (:class:`~anybit.quant.QuantAct`) their float ``ActivationPoint``;
+    switchable BatchNorms become their 32-bit BatchNorm. A float model is simply copied.
     A model whose layers clip their inputs at 32 bits (emqnet) is refused with :class:`PTQError`.
     """
     clipped = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)
@@ -60,6 +63,8 @@ def float_copy(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANT_LAYER_TYPES):
             _set_submodule(model, name, _plain(module))
+        elif isinstance(module, QuantAct):
+            _set_submodule(model, name, ActivationPoint(module.role))
         elif isinstance(module, SwitchableBatchNorm):
             if "32" not in module.bns:
                 raise PTQError(

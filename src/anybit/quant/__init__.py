@@ -25,8 +25,11 @@ from .functional import (
     weight_bias_correction,
 )
 from .modules import (
+    ACTIVATION_ROLES,
     QUANT_LAYER_TYPES,
+    ActivationPoint,
     FrozenPrecisionError,
+    QuantAct,
     QuantConv2d,
     QuantLinear,
     QuantModule,
@@ -49,7 +52,7 @@ from .quantizers import ActQuantizer, RangeNotCalibratedError, WeightQuantizer
 from .spec import DEFAULT_KEEP_FIRST_LAST, QuantSpec, SpecError
 
 __all__ = [
-    "ActQuantizer", "BitsError", "DEFAULT_KEEP_FIRST_LAST", "check_layers_run", "float_layer", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
+    "ACTIVATION_ROLES", "ActivationPoint", "QuantAct", "ActQuantizer", "BitsError", "DEFAULT_KEEP_FIRST_LAST", "check_layers_run", "float_layer", "PRECISION_BN_TYPES", "PrecisionBatchNorm1d", "PrecisionBatchNorm2d", "PrecisionTrace",
     "UNTRAINED_RULES", "bn_state", "quantization_step", "restore_bn_state", "stats_key", "PrecisionNotTrainedError", "UnknownLayerError", "calibrate_activations", "ConversionReport", "FLOAT_BITS", "LayerInfo", "NotConvertedError",
     "NothingToQuantizeError", "QUANT_LAYER_TYPES", "QuantConv2d", "QuantLinear", "QuantModule",
     "QuantMultiheadAttention", "QuantSpec", "RangeNotCalibratedError", "SpecError", "SwitchableBatchNorm",

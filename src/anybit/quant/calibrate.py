@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..inputs import InputsError, as_inputs, is_keyword_inputs, real_positions, run_model, to_device
 from .functional import FLOAT_BITS
+from .modules import QuantAct
 from .precision import quant_layers
 
 
@@ -21,6 +22,8 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     returns the number of layers calibrated.
 
     Layers run in float while observing; switchable BatchNorms stay at the model's current precision.
+    Quantized attention matmul inputs (:class:`~anybit.quant.QuantAct` of role ``"matmul"``) are
+    calibrated too; probabilities and softmax inputs keep their fixed grids.
     A single tensor or dict of tensors is taken as one batch of inputs; a Dataset (of ``x`` or ``(x, y)``
     items) is read in batches of 64, as :func:`anybit.ptq.quantize` takes one. Padding (positions where a
     keyword batch's ``attention_mask`` is 0) is left out of the ranges.
@@ -30,18 +33,22 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=64, shuffle=False)
     layers = quant_layers(model)
+    observed = {**layers, **{name: m for name, m in model.named_modules()
+                             if isinstance(m, QuantAct) and m.role == "matmul"}}
     lows: dict[str, torch.Tensor] = {}
     highs: dict[str, torch.Tensor] = {}
 
     def observe(name):
         def hook(module, inputs):
-            x = real_positions(module.smooth_input(inputs[0].detach()))
+            x = inputs[0].detach()
+            # (attention matmul inputs, (batch, heads, tokens, dim), have no smoothing and no padding rows)
+            x = x if isinstance(module, QuantAct) else real_positions(module.smooth_input(x))
             lo, hi = x.amin(), x.amax()
             lows[name] = torch.minimum(lows[name], lo) if name in lows else lo
             highs[name] = torch.maximum(highs[name], hi) if name in highs else hi
         return hook
 
-    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
+    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in observed.items()]
     was_training = model.training
     model.eval()
     saved = {name: (layer.w_bits, layer.a_bits) for name, layer in layers.items()}
@@ -67,5 +74,5 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int | N
     if not lows:
         raise ValueError("calibrate_activations got no data: pass a non-empty loader of (x, y) or x batches")
     for name, lo in lows.items():
-        layers[name].input_quant.init_range(lo, highs[name])
+        observed[name].input_quant.init_range(lo, highs[name])
     return len(lows)

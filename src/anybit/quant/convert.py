@@ -11,10 +11,13 @@ from torch import nn
 
 from .modules import (
     QUANT_LAYER_TYPES,
+    ActivationPoint,
+    QuantAct,
     QuantConv2d,
     QuantLinear,
     QuantMultiheadAttention,
     SwitchableBatchNorm,
+    SOFTMAX_INPUT_RANGE,
     precision_key,
 )
 from .batchnorm import PrecisionTrace, precision_batchnorm, stats_key
@@ -40,6 +43,7 @@ class ConversionReport:
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     switchable_bn: list[str] = field(default_factory=list)
     precision_bn: list[str] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +53,7 @@ class ConversionReport:
             "unsupported": [{"name": n, "type": t} for n, t in self.unsupported],
             "switchable_bn": self.switchable_bn,
             "precision_bn": self.precision_bn,
+            "activations": self.activations,
         }
 
 
@@ -69,6 +74,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _has_matrix_weight(module: nn.Module) -> bool:
     w = module._parameters.get("weight")
     return w is not None and w.dim() >= 2
+
+
+def _activation_quantizer(role: str, spec: QuantSpec) -> ActQuantizer | None:
+    """The quantizer of an :class:`ActivationPoint` of ``role``, or None where ``spec`` leaves it in float."""
+    if role == "softmax_input":
+        return ActQuantizer("fixed", SOFTMAX_INPUT_RANGE) if spec.attn_softmax else None
+    if not spec.attn_matmul:
+        return None
+    if role == "probabilities":
+        return ActQuantizer("fixed", (0.0, 1.0))
+    return ActQuantizer(spec.act, spec.act_range, signed=spec.act_signed)
 
 
 @torch.no_grad()
@@ -132,7 +148,9 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, example_input=None,
     :func:`anybit.set_precision` lowers it. ``spec`` fields may be given as keyword arguments
     (``convert(model, weight="symmetric", keep_first_last=8)``). Layers of other types that carry
     a weight matrix (``Conv1d``, ``Embedding``, subclasses with their own forward, ...) stay float
-    and are listed in the report (``model.anybit_meta["conversion"]``) and in a warning.
+    and are listed in the report (``model.anybit_meta["conversion"]``) and in a warning. Activations a
+    model marks with :class:`~anybit.quant.ActivationPoint` become :class:`~anybit.quant.QuantAct` where
+    ``spec.attn_matmul``/``spec.attn_softmax`` ask for it (report key ``activations``).
     ``keep_first_last`` pins the first and last converted layers in registration order, or -- given
     ``example_input`` (a small batch) -- in execution order (:func:`execution_ends`: the first layer with
     those sharing its input; the last layer the output depends on).
@@ -159,12 +177,18 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, example_input=None,
                 module,
                 weight_quant=WeightQuantizer(spec.weight, spec.per_channel),
                 input_quant=ActQuantizer(spec.act, spec.act_range, clip_float=spec.act_clip_float,
+                                         signed=spec.act_signed,
                                          granularity="tensor" if qcls is QuantConv2d else spec.act_granularity),
                 wbc=spec.wbc,
                 wbc_detach=spec.wbc_detach,
             )
             _set_submodule(model, name, quant)
             report.converted.append(name)
+        elif type(module) is ActivationPoint and not _matches(name, spec.skip):
+            quantizer = _activation_quantizer(module.role, spec)
+            if quantizer is not None:
+                _set_submodule(model, name, QuantAct(module.role, quantizer).train(module.training))
+                report.activations.append(name)
         elif _has_matrix_weight(module) and not _matches(name, spec.skip):
             report.unsupported.append((name, type(module).__name__))
         elif isinstance(module, _BN_TYPES) and spec.bn == "switchable":
@@ -181,9 +205,10 @@ def convert(model: nn.Module, spec: QuantSpec | None = None, example_input=None,
             f"{type(model).__name__} has no layer anybit can quantize (nn.Conv2d, nn.Linear, "
             f"nn.MultiheadAttention); left in float: {[n for n, _ in report.unsupported] or 'nothing'}"
         )
-    if report.precision_bn:
-        trace = PrecisionTrace()   # quantizable layers tell the BatchNorms after them their precision
-        for name in report.converted + report.precision_bn:
+    if report.precision_bn or report.activations:
+        # quantizable layers tell the BatchNorms and activation quantizers after them their precision
+        trace = PrecisionTrace()
+        for name in report.converted + report.precision_bn + report.activations:
             model.get_submodule(name).precision_trace = trace
     if spec.keep_first_last is not None:
         if example_input is not None:

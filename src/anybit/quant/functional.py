@@ -237,14 +237,25 @@ def _pass_between(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> 
     return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
 
 
-def fake_quant_fixed_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-tensor fake quantization to the unsigned ``bits``-bit grid ``(scale, zero_point)``, with the
-    straight-through gradient for ``x`` only (the grid is treated as a constant)."""
-    qmax = 2**bits - 1
+def integer_range(bits: int, signed: bool = False) -> tuple[int, int]:
+    """``(qmin, qmax)`` of an activation grid: unsigned ``[0, 2^b - 1]``, or signed symmetric
+    ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero in the middle, one code unused, as for symmetric weights)."""
+    if signed:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2**bits - 1
+
+
+def fake_quant_fixed_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                          signed: bool = False) -> torch.Tensor:
+    """Per-tensor fake quantization to the ``bits``-bit grid ``(scale, zero_point)`` (unsigned, or signed
+    symmetric: :func:`integer_range`), with the straight-through gradient for ``x`` only (the grid is treated
+    as a constant)."""
+    qmin, qmax = integer_range(bits, signed)
     if x.device.type == "cpu":
-        return _FixedGridFakeQuant.apply(x, float(scale), int(zero_point), 0, qmax)
+        return _FixedGridFakeQuant.apply(x, float(scale), int(zero_point), qmin, qmax)
     return torch.fake_quantize_per_tensor_affine(x, scale.detach().reshape(1).float(),
-                                                 zero_point.detach().reshape(1).int(), 0, qmax)
+                                                 zero_point.detach().reshape(1).int(), qmin, qmax)
 
 
 def clamp_fixed(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -282,14 +293,15 @@ class _LearnedGridFakeQuant(torch.autograd.Function):
 
 
 def fake_quant_learned_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                            grad_factor: float) -> torch.Tensor:
+                            grad_factor: float, signed: bool = False) -> torch.Tensor:
     """Per-tensor fake quantization with gradients for ``scale`` and ``zero_point`` (LSQ-style, scaled
-    by ``grad_factor``), as ``torch._fake_quantize_learnable_per_tensor_affine``."""
-    qmax = 2**bits - 1
+    by ``grad_factor``), as ``torch._fake_quantize_learnable_per_tensor_affine``; ``signed``: the symmetric
+    grid of :func:`integer_range`."""
+    qmin, qmax = integer_range(bits, signed)
     scale, zero_point = scale.reshape(1).to(x.dtype), zero_point.reshape(1).to(x.dtype)
     if x.device.type == "cpu":
-        return _LearnedGridFakeQuant.apply(x, scale, zero_point, 0, qmax, grad_factor)
-    return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, 0, qmax, grad_factor)
+        return _LearnedGridFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+    return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qmin, qmax, grad_factor)
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:

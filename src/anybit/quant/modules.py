@@ -219,6 +219,68 @@ def _has_param(module: nn.Module, name: str) -> bool:
         return False
 
 
+ACTIVATION_ROLES = ("matmul", "probabilities", "softmax_input")
+SOFTMAX_INPUT_RANGE = (-8.0, 0.0)
+"""The fixed grid of a quantized softmax input, after its row maximum is subtracted: probabilities below
+``e^-8`` of the largest one are rounded up to it (softmax is unchanged by the shift)."""
+
+
+class ActivationPoint(nn.Identity):
+    """Marks an activation inside a model that :func:`anybit.convert` may quantize (an identity in float).
+
+    ``role`` says what it is and which :class:`~anybit.QuantSpec` field turns it on: ``"matmul"`` (an input
+    of a matmul between two activations, such as q, k or v in attention: ``attn_matmul``, with the spec's
+    activation quantizer), ``"probabilities"`` (attention probabilities: ``attn_matmul``, on a fixed [0, 1]
+    grid) and ``"softmax_input"`` (``attn_softmax``, the scores relative to their row maximum on the fixed
+    grid :data:`SOFTMAX_INPUT_RANGE`).
+    """
+
+    def __init__(self, role: str = "matmul") -> None:
+        super().__init__()
+        if role not in ACTIVATION_ROLES:
+            raise ValueError(f"activation role {role!r} is unknown: expected one of {', '.join(ACTIVATION_ROLES)}")
+        self.role = role
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"
+
+
+class QuantAct(nn.Module):
+    """A quantized :class:`ActivationPoint`: fake-quantizes its input at the activation bit-width of the
+    quantizable layer that ran just before it (the projection that computed q, k and v, for attention).
+
+    It has no precision of its own, so :func:`anybit.set_precision` (uniform or a per-layer map) sets it
+    through that layer; at 32 bits it is the identity. Not a weight layer: it is not in
+    :func:`anybit.quant_layers` and bit allocation does not count it.
+    """
+
+    precision_trace = None   # the model's PrecisionTrace (set by convert)
+
+    def __init__(self, role: str, input_quant: ActQuantizer) -> None:
+        super().__init__()
+        if role not in ACTIVATION_ROLES:
+            raise ValueError(f"activation role {role!r} is unknown: expected one of {', '.join(ACTIVATION_ROLES)}")
+        self.role = role
+        self.input_quant = input_quant
+
+    @property
+    def a_bits(self) -> int:
+        """The activation bit-width it quantizes at now (32 before any quantizable layer has run)."""
+        last = self.precision_trace.last if self.precision_trace is not None else None
+        return FLOAT_BITS if last is None else last[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.a_bits
+        if bits == FLOAT_BITS:
+            return x
+        if self.role == "softmax_input":
+            x = x - x.detach().amax(dim=-1, keepdim=True)
+        return self.input_quant(x, bits)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"
+
+
 class PrecisionNotTrainedError(ValueError):
     """A switchable BatchNorm asked for a precision it has no statistics for."""
 

@@ -21,6 +21,7 @@ from .functional import (
     fake_quant,
     fake_quant_fixed_grid,
     fake_quant_learned_grid,
+    integer_range,
     fake_quant_per_token,
     minmax_scale_zero_point,
 )
@@ -121,11 +122,17 @@ class ActQuantizer(_PerBitRanges):
     ``mode="learned"``: the range starts at the min/max of the first quantized training batch and
     is learnt with LSQ-style gradients. ``mode="fixed"``: the range stays at ``init_range``
     (Any-Precision uses ``(0, 1)``). Ranges set by :meth:`set_range` for one bit-width take
-    precedence at that bit-width.
+    precedence at that bit-width (on the unsigned min/max grid).
+
+    ``signed=False``: an unsigned ``2^b``-level grid over ``[lo, hi]`` widened to include 0 (for ReLU
+    outputs). ``signed=True``: a symmetric grid over ``[-r, r]``, ``r = max(|lo|, |hi|)`` (only ``hi`` is
+    kept and learnt; ``lo = -hi``): ``2^(b-1) - 1`` levels each side of an exact zero — for signed inputs such
+    as LayerNorm outputs, which an unsigned grid over ``[0, r]`` would clip to one sign. At 1 bit it is the
+    threshold code ``{0, r}`` (see :meth:`_signed`).
     """
 
     def __init__(self, mode: str = "learned", init_range: tuple[float, float] = (0.0, 1.0),
-                 clip_float: bool = False, granularity: str = "tensor") -> None:
+                 clip_float: bool = False, signed: bool = False, granularity: str = "tensor") -> None:
         super().__init__()
         self.clip_float = clip_float  # clip (without rounding) at 32 bits too: QuantSpec.act_clip_float
         if mode not in ("learned", "fixed"):
@@ -134,12 +141,16 @@ class ActQuantizer(_PerBitRanges):
             raise ValueError(f"activation granularity {granularity!r} is unknown: expected one of "
                              f"{list(ACT_GRANULARITIES)}")
         self.mode = mode
+        self.signed = bool(signed)
         self.granularity = granularity
         lo, hi = float(init_range[0]), float(init_range[1])
         if not hi > lo:
             raise ValueError(f"activation range {init_range!r} is empty: expected (lo, hi) with hi > lo")
+        if self.signed:
+            hi = max(abs(lo), abs(hi))
+            lo = -hi
         learn = mode == "learned"
-        self.lo = nn.Parameter(torch.tensor(lo), requires_grad=learn)
+        self.lo = nn.Parameter(torch.tensor(lo), requires_grad=learn and not self.signed)
         self.hi = nn.Parameter(torch.tensor(hi), requires_grad=learn)
         self.register_buffer("initialized", torch.tensor(mode == "fixed" or granularity == "token"))
 
@@ -163,9 +174,13 @@ class ActQuantizer(_PerBitRanges):
 
     @torch.no_grad()
     def init_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
-        """Set the shared range (and mark it initialised)."""
-        self.lo.fill_(float(lo))
-        self.hi.fill_(max(float(hi), float(lo) + 1e-8))
+        """Set the shared range (and mark it initialised); a signed quantizer takes ``±max(|lo|, |hi|)``."""
+        lo, hi = float(lo), float(hi)
+        if self.signed:
+            hi = max(abs(lo), abs(hi), 1e-8)
+            lo = -hi
+        self.lo.fill_(lo)
+        self.hi.fill_(max(hi, lo + 1e-8))
         self.initialized.fill_(True)
 
     def set_range(self, bits: int, lo: torch.Tensor, hi: torch.Tensor, learnable: bool = True) -> None:
@@ -179,12 +194,15 @@ class ActQuantizer(_PerBitRanges):
             return lo, self._get(bits, "hi")
         return self.lo, self.hi
 
+    def _shared_lo(self) -> torch.Tensor:
+        return -self.hi if self.signed else self.lo
+
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FLOAT_BITS:
             if self.clip_float and (self.mode == "fixed" or bool(self.initialized)):
-                if self.lo.requires_grad and torch.is_grad_enabled():
-                    return torch.clamp(x, self.lo, self.hi)
-                return clamp_fixed(x, self.lo, self.hi)
+                if self.hi.requires_grad and torch.is_grad_enabled():
+                    return torch.clamp(x, self._shared_lo(), self.hi)
+                return clamp_fixed(x, self._shared_lo(), self.hi)
             return x
         if self.granularity == "token":
             return fake_quant_per_token(x, bits)
@@ -196,11 +214,29 @@ class ActQuantizer(_PerBitRanges):
                     "or calibrate it first (anybit.calibrate_activations(model, data))"
                 )
             self.init_range(x.detach().amin(), x.detach().amax())
+        learning = torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad)
+        if lo is self.lo and self.signed:
+            return self._signed(x, bits, learning)
         scale, zero_point = minmax_scale_zero_point(lo, hi, bits)
-        if not (torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad)):
+        if not learning:
             return fake_quant_fixed_grid(x, scale, zero_point, bits)
         grad_factor = 1.0 / (x.numel() * (2**bits - 1)) ** 0.5
         return fake_quant_learned_grid(x, scale, zero_point, bits, grad_factor)
 
+    def _signed(self, x: torch.Tensor, bits: int, learning: bool) -> torch.Tensor:
+        """The symmetric grid over ``[-r, r]``; at 1 bit, which has no grid with 0 and both signs, the threshold
+        code ``{0, r}`` (the unsigned grid over ``[0, r]``): it keeps the sparsity of the 2-bit grid ``{-r, 0, r}``
+        (most inputs round to 0 at both); a sign code ``±r/2`` would have no zero at all (benchmarks/vit.py's
+        ``emqnet-sign-1bit`` run compares the two)."""
+        r = self.hi.clamp_min(1e-8)
+        signed = bits > 1
+        qmax = integer_range(bits, signed)[1]
+        scale, zero = r / qmax, torch.zeros((), device=x.device)
+        if not learning:
+            return fake_quant_fixed_grid(x, scale, zero, bits, signed=signed)
+        grad_factor = 1.0 / (x.numel() * qmax) ** 0.5
+        return fake_quant_learned_grid(x, scale, zero, bits, grad_factor, signed=signed)
+
     def extra_repr(self) -> str:
-        return f"mode={self.mode}" + (", granularity=token" if self.granularity == "token" else "")
+        return (f"mode={self.mode}" + (", signed" if self.signed else "")
+                + (", granularity=token" if self.granularity == "token" else ""))

@@ -48,6 +48,13 @@ class QuantSpec:
     keep_first_last: pin the first and last quantizable layers at this bit-width (default 8,
         :data:`DEFAULT_KEEP_FIRST_LAST`; ``None``: not pinned).
     skip: layer names or glob patterns left in float.
+    act_signed: a symmetric activation grid over ``[-r, r]``, ``r = max|act_range|`` (1 bit: ``{0, r}``), for
+        signed inputs such as LayerNorm outputs; off: the unsigned grid over ``act_range`` widened to 0.
+    attn_matmul: quantize the inputs of the attention matmuls a model marks with
+        :class:`~anybit.quant.ActivationPoint` (q, k and v with the activation quantizer above, the attention
+        probabilities on a fixed [0, 1] grid), at the activation bits of the layer that computed q, k and v.
+    attn_softmax: quantize the softmax input so marked (the scores minus their row maximum, on a fixed grid
+        over [-8, 0]).
     """
 
     weight: str = "symmetric"
@@ -64,6 +71,9 @@ class QuantSpec:
     bn_bits: tuple[int, ...] = ()
     keep_first_last: int | None = DEFAULT_KEEP_FIRST_LAST
     skip: tuple[str, ...] = field(default_factory=tuple)
+    act_signed: bool = False
+    attn_matmul: bool = False
+    attn_softmax: bool = False
 
     def __post_init__(self) -> None:
         if self.weight not in WEIGHT_QUANTIZERS:
@@ -92,6 +102,9 @@ class QuantSpec:
             raise SpecError("bn_stats='per-precision' needs bn_bits, the precisions that get their own statistics")
         if self.keep_first_last is not None:
             check_bits(self.keep_first_last, "keep_first_last")
+        for name in ("act_signed", "attn_matmul", "attn_softmax"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name}={getattr(self, name)!r} must be True or False")
 
     @property
     def per_channel(self) -> bool:

@@ -4,7 +4,8 @@ The trainer's loop is the same for all of them; a method only decides
 
 * whether the bit-widths share one network (``anyprecision``, ``emqnet``) or each gets its own
   (``dedicated``), and
-* the :class:`~anybit.QuantSpec` the network is converted with (BatchNorm kind, weight bias correction).
+* the :class:`~anybit.QuantSpec` the network is converted with (BatchNorm kind, weight bias correction; the
+  activation grid depends on whether the model has BatchNorm).
 
 Distillation and data sampling defaults live in :class:`~anybit.train.TrainConfig`.
 """
@@ -34,6 +35,19 @@ from .config import TrainConfig, TrainConfigError
 ACTIVATION = "fixed"
 ACTIVATION_RANGE = (0.0, 1.0)
 
+# Models without BatchNorm (LayerNorm transformers such as anybit.models' vit_tiny): the inputs of their
+# quantized layers are LayerNorm outputs, attention outputs and GELU outputs, signed, so an unsigned [0, 1]
+# clip zeroes their negative half. They get a signed symmetric grid over a fixed [-1, 1] (the idea of
+# Any-Precision's [0, 1]: LayerNorm's affine terms and the weights learn to fit activations into it).
+# Measured on the ViT (benchmarks/results/vit-ablation.json, one seed; docs/training.md, Vision transformers):
+# better than the unsigned [0, 1] clip at 4, 8 and 32 bits (+1.2 to +1.7 points) but worse at 1 and 2 bits
+# (-9.7, -1.1), so lower on the average over 1/2/4/8/32 (-1.3); better than a wider [-2, 2] (+0.9 average)
+# and than a learned signed range (+9.8 average). Weight bias correction stays as each method sets it
+# (without it emqnet lost 6.6 points on average). The attention matmuls' inputs and the softmax input stay
+# float (QuantSpec.attn_matmul/attn_softmax): quantizing them cost 4 points at 2 bits, about nothing elsewhere.
+NO_BN_ACTIVATION = "fixed"
+NO_BN_ACTIVATION_RANGE = (-1.0, 1.0)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -47,19 +61,29 @@ class Method:
     summary: str
 
     def quant_spec(self, bits: tuple[int, ...], keep_first_last: int | None, bn_stats: str | None = None,
-                   bn_untrained: str = "interpolate") -> QuantSpec:
+                   bn_untrained: str = "interpolate", batchnorm: bool = True) -> QuantSpec:
         """The spec a float model is converted with for this method and these trained bit-widths
-        (``bn_stats="per-precision"``: shared affine terms, statistics per trained bit-width)."""
+        (``bn_stats="per-precision"``: shared affine terms, statistics per trained bit-width). ``batchnorm``:
+        whether the model has BatchNorm; models without it get a signed activation grid (``NO_BN_ACTIVATION``)."""
         per_bits = self.bn == "switchable" or bn_stats == "per-precision"
+        act = dict(act=ACTIVATION, act_range=ACTIVATION_RANGE) if batchnorm else \
+            dict(act=NO_BN_ACTIVATION, act_range=NO_BN_ACTIVATION_RANGE, act_signed=True)
         return QuantSpec(
-            weight="dorefa", act=ACTIVATION, act_range=ACTIVATION_RANGE, act_clip_float=self.clip_float,
-            wbc=self.wbc, bn=self.bn, bn_stats=bn_stats or "shared", bn_untrained=bn_untrained,
-            bn_bits=tuple(sorted(bits)) if per_bits else (),
+            weight="dorefa", **act, act_clip_float=self.clip_float,
+            wbc=self.wbc, bn=self.bn, bn_stats=bn_stats or "shared",
+            bn_untrained=bn_untrained, bn_bits=tuple(sorted(bits)) if per_bits else (),
             keep_first_last=keep_first_last,
         )
 
-    def spec_for(self, config: TrainConfig) -> QuantSpec:
-        return self.quant_spec(config.bits, config.keep_first_last, config.bn_stats, config.bn_untrained)
+    def spec_for(self, config: TrainConfig, model: nn.Module | None = None) -> QuantSpec:
+        """The spec for ``config`` and the float ``model`` it trains (``None``: a model with BatchNorm)."""
+        return self.quant_spec(config.bits, config.keep_first_last, config.bn_stats, config.bn_untrained,
+                               batchnorm=model is None or has_batchnorm(model))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with BatchNorm (any ``BatchNorm1d/2d/3d``, switchable ones included)."""
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, SwitchableBatchNorm)) for m in model.modules())
 
 
 METHODS: dict[str, Method] = {
@@ -108,7 +132,7 @@ def build_models(model: nn.Module, config: TrainConfig, example_input=None) -> B
     :func:`anybit.quant.check_layers_run`). A model left with no layer that follows the precision
     (every one pinned by ``keep_first_last``) is refused: its bit-widths would train identical copies."""
     method = METHODS[config.method]
-    spec = method.spec_for(config)
+    spec = method.spec_for(config, model)
     if method.shared:
         models = BitModels({"all": _converted(model, spec, config)}, config.bits)
     else:
