@@ -188,17 +188,7 @@ def run(args: argparse.Namespace) -> int:
         "calib_size": args.calib_size, "test_size": len(test_set), "device": str(device), "budget": args.budget,
         "metric": args.metric if args.budget is not None else None, **config.to_dict()})
     model = model.to(device)
-    started = time.perf_counter()
-
-    def stage_done(name: str, _model) -> None:   # one line per stage, also when stderr is not a terminal
-        if not args.quiet:
-            print(f"{name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    with recorder.timed("calibration"):
-        qmodel, report = ptq.quantize(model, calib, config=config, bit_allocator=allocator, device=device,
-                                      quiet=args.quiet, on_stage_end=stage_done)
-    for stage in report.stages:
-        recorder.data["timings_s"][f"stage.{stage['name']}"] = stage["seconds"]
+    qmodel, report = _calibrate(args, model, calib, config, allocator, device, recorder)
     loader = anydata.make_loader(test_set, args.eval_batch_size, shuffle=False)
     with recorder.timed("eval"):
         float_result = evaluate(ptq.float_copy(model), loader, device, desc="eval float", quiet=args.quiet)
@@ -264,17 +254,7 @@ def run_text(args: argparse.Namespace, config: ptq.PTQConfig, allocator, device)
         "test_size": len(test_texts) if test_texts is not None else size, "max_length": args.max_length,
         "device": str(device), "budget": args.budget, "metric": args.metric if args.budget is not None else None,
         **config.to_dict()})
-    started = time.perf_counter()
-
-    def stage_done(name: str, _model) -> None:
-        if not args.quiet:
-            print(f"{name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    with recorder.timed("calibration"):
-        qmodel, report = ptq.quantize(model, calib, config=config, bit_allocator=allocator, device=device,
-                                      quiet=args.quiet, on_stage_end=stage_done)
-    for stage in report.stages:
-        recorder.data["timings_s"][f"stage.{stage['name']}"] = stage["seconds"]
+    qmodel, report = _calibrate(args, model, calib, config, allocator, device, recorder)
     with recorder.timed("eval"):
         agreement = compare_outputs(qmodel, model, test, device=device)
     ptq_meta = {"pipeline": report.pipeline, "w_bits": config.w_bits, "a_bits": config.a_bits,
@@ -304,3 +284,20 @@ def run_text(args: argparse.Namespace, config: ptq.PTQConfig, allocator, device)
     print(f"wrote {saved} and {run_json}; load it with anybit.load(OUT, model=transformers.{type(model).__name__}"
           f".from_pretrained(DIR))")
     return 0
+
+
+def _calibrate(args, model, calib, config, allocator, device, recorder):
+    """``ptq.quantize`` with one line per finished stage on stderr (also when it is not a terminal) and
+    each stage's time in run.json."""
+    started = time.perf_counter()
+
+    def stage_done(name: str, _model) -> None:
+        if not args.quiet:
+            print(f"{name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    with recorder.timed("calibration"):
+        qmodel, report = ptq.quantize(model, calib, config=config, bit_allocator=allocator, device=device,
+                                      quiet=args.quiet, on_stage_end=stage_done)
+    for stage in report.stages:
+        recorder.data["timings_s"][f"stage.{stage['name']}"] = stage["seconds"]
+    return qmodel, report

@@ -154,17 +154,7 @@ def collect_activation_stats(model: nn.Module, calib: Inputs, layers: list[str],
         return fn
 
     handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        with precision(model, FLOAT_BITS):
-            for x in progress(batches(calib, batch_size, device), desc="activation ranges", quiet=quiet,
-                              total=n_batches):
-                run_model(model, x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _float_pass(model, calib, batch_size, device, handles, "activation ranges", quiet, n_batches)
     stats = {}
     for n in layers:
         if not samples[n]:
@@ -256,16 +246,7 @@ def smooth(model: nn.Module, calib: Inputs, alpha: float = 0.5, *, layers: list[
     for n in names:
         modules[n].input_quant.set_smoothing(None)
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        with precision(model, FLOAT_BITS):
-            for x in progress(batches(calib, batch_size, device), desc="smoothing", quiet=quiet):
-                run_model(model, x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _float_pass(model, calib, batch_size, device, handles, "smoothing", quiet)
     spread = {}
     for n in names:
         if n not in amax:
@@ -276,3 +257,19 @@ def smooth(model: nn.Module, calib: Inputs, alpha: float = 0.5, *, layers: list[
         layer.input_quant.set_smoothing(scales.to(layer.weight.device))
         spread[n] = float(scales.max() / scales.min())
     return spread
+
+
+def _float_pass(model: nn.Module, calib, batch_size: int, device, handles: list, desc: str, quiet: bool,
+                total: int | None = None) -> None:
+    """One pass over ``calib`` with the model in float and eval mode (its mode restored), the observing
+    ``handles`` removed afterwards."""
+    was_training = model.training
+    try:
+        model.eval()
+        with precision(model, FLOAT_BITS):
+            for x in progress(batches(calib, batch_size, device), desc=desc, quiet=quiet, total=total):
+                run_model(model, x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
