@@ -72,6 +72,21 @@ def _data_inside_out(work: Path):
     shutil.copytree(work / "fmnist", work / "run" / "data")
 
 
+def _bit_map_elsewhere(work: Path):
+    (work / "bitmap.json").write_text(json.dumps({"fc9": {"w": 4, "a": 8}}))
+
+
+def _truncated_export(work: Path):
+    """A packed export of run/ whose tensors file lost its second half (a copy cut short)."""
+    from anybit.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(work / "run"), "--bits", "2", "--out", str(work / "packed")]) == 0
+    tensors = work / "packed" / "model.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+
+
 def _set(key, value):
     return lambda d: d.__setitem__(key, value)
 
@@ -194,6 +209,13 @@ CASES: list[Case] = [
     Case("mixed-batch-size-0", "--batch-size 0", ["mixed", "run", "--budget", "0.5", "--batch-size", "0",
                                                   "--out", "new"]),
     Case("mixed-a-bits-bad", "--a-bits 1_6", ["mixed", "run", "--budget", "0.5", "--a-bits", "1_6", "--out", "new"]),
+    # --- export
+    Case("export-packed-12-bits", "--bits 12 with --format packed", ["export", "run", "--bits", "12",
+                                                                     "--format", "packed", "--out", "new"]),
+    Case("export-bit-map-other-model", "a bit map naming a layer the model does not have",
+         ["export", "run", "--bit-map", "bitmap.json", "--out", "new"], setup=_bit_map_elsewhere),
+    Case("eval-truncated-export", "anybit eval of a packed export whose tensors file is truncated",
+         ["eval", "packed", "--quiet"], setup=_truncated_export),
     # --- ptq
     Case("ptq-bit-options-empty", "an empty --bit-options", ["ptq", "float", "--pipeline", "light", "--budget",
                                                              "0.5", "--bit-options", "", "--out", "new"]),

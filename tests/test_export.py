@@ -243,6 +243,17 @@ def test_integer_weights_represent_every_grid_exactly(spec):
         assert bool((rep["shift"] != 0).any()) == (bool(spec.get("wbc")) or dorefa_8), bits
 
 
+def test_integer_weights_of_a_constant_channel_are_its_shift():
+    """A channel whose weights are all equal (a == 0: a zero scale or BatchNorm weight) is its shift alone; its
+    check measures the shift's float32 rounding against the value, not against a step it does not have."""
+    from anybit.export.onnx_qdq import integer_weights
+
+    q = torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]])
+    rep = integer_weights(q, 0, 3, np.array([0.1, 0.0]), np.array([-0.15, 0.3123456789]))
+    assert rep["max_error_steps"] < 1e-6
+    assert rep["shift"][0] == 0 and rep["shift"][1] == 0.3123456789
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_onnx_emqnet_resnet20_computes_what_the_fake_quantized_model_does(trained, tmp_path, bits):
     model, x = trained

@@ -207,7 +207,9 @@ def integer_weights(codes: torch.Tensor, qmin: int, qmax: int, a: np.ndarray, b:
     scale32 = scale.astype(np.float32)
     got = scale32.astype(np.float64)[:, None] * (out_c - zp[:, None]) + shift.astype(np.float32)[:, None]
     target = a[:, None] * q + b[:, None]
-    step = np.maximum(np.abs(a), 1e-30)[:, None]
+    # a channel whose weights are all equal (a == 0) has no step: its shift's float32 rounding is measured
+    # against the value itself
+    step = np.where(a != 0, np.abs(a), np.maximum(np.abs(b), 1e-30))[:, None]
     error_steps = float(np.max(np.abs(got - target) / step)) if q.size else 0.0
     return {"codes": out_c.reshape(codes.shape), "scale": scale32, "zero_point": zp, "multiple": multiple,
             "shift": shift, "max_error_steps": error_steps}
