@@ -97,6 +97,22 @@ def test_a_training_that_collapses_to_one_output_warns(synthetic, tmp_path):
         healthy.fit()
 
 
+def test_one_bit_width_that_collapses_to_one_class_warns(synthetic, tmp_path):
+    train, test = synthetic
+
+    def collapse_2_bits(trainer, record):     # only the 2-bit model now predicts the fc bias's class
+        with torch.no_grad():
+            trainer.models["b2"].fc.weight.zero_()
+            trainer.models["b2"].fc.bias.copy_(torch.arange(trainer.models["b2"].fc.bias.numel()).float())
+
+    config = TrainConfig(method="dedicated", bits=(2, 32), epochs=6, batch_size=16, final_bn_batches=0)
+    trainer = MultiBitTrainer(small_net(), train, test, config, quiet=True, out_dir=tmp_path / "run",
+                              on_epoch_end=collapse_2_bits)
+    with pytest.warns(UserWarning, match="training collapsed at 2 bits"):
+        trainer.fit()
+    assert "collapsed at 2 bits" in json.loads((tmp_path / "run" / "run.json").read_text())["warnings"][0]
+
+
 # ---------------------------------------------------------------------- 7. explicit data directories
 def test_an_explicit_data_dir_is_used_or_refused_and_recorded(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

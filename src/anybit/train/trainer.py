@@ -458,12 +458,18 @@ class MultiBitTrainer:
 
     @torch.no_grad()
     def _warn_if_collapsed(self) -> None:
-        """Warn when every trained bit-width gives one and the same output for every input (a training that
-        collapsed to chance), on up to 16 training images."""
-        n = min(len(self.train_set), 16)
+        """Warn when a training collapsed to chance: every trained bit-width gives one and the same output for
+        every input, or one bit-width predicts a single class for every input while another has clearly learnt
+        (accuracy 30 points above the most common label's share), on up to 64 training images spread over the
+        training set."""
+        n = min(len(self.train_set), 64)
         if n < 2:
             return
-        images = torch.stack([self.train_set[i][0] for i in range(n)]).to(self.device)
+        index = torch.linspace(0, len(self.train_set) - 1, n).long().tolist()
+        images = torch.stack([self.train_set[i][0] for i in index]).to(self.device)
+        labels = torch.as_tensor([int(self.train_set[i][1]) for i in index], device=self.device)
+        majority = float(labels.unique(return_counts=True)[1].max()) / n
+        constant, one_class, learnt = [], [], False
         for b in self.bits:
             model = self.models.for_bits(b)
             was_training = model.training
@@ -474,11 +480,23 @@ class MultiBitTrainer:
             finally:
                 model.train(was_training)
             spread = float((logits - logits[:1]).abs().max())
-            if math.isfinite(spread) and spread > 1e-6 * (1.0 + float(logits.abs().max())):
-                return                                     # this bit-width tells inputs apart
-        message = (f"training collapsed: at every trained bit-width ({', '.join(map(str, self.bits))}) the network "
-                   f"gives the same output for every input, so it predicts one class (chance accuracy); lower the "
-                   f"learning rate (--lr) or check the data and labels")
+            if not (math.isfinite(spread) and spread > 1e-6 * (1.0 + float(logits.abs().max()))):
+                constant.append(b)
+            if logits.dim() == 2:
+                predicted = logits.argmax(1)
+                if int(predicted.unique().numel()) == 1:
+                    one_class.append(b)
+                learnt = learnt or float((predicted == labels).float().mean()) >= majority + 0.3
+        if len(constant) == len(self.bits):
+            message = (f"training collapsed: at every trained bit-width ({', '.join(map(str, self.bits))}) the "
+                       f"network gives the same output for every input, so it predicts one class (chance accuracy); "
+                       f"lower the learning rate (--lr) or check the data and labels")
+        elif one_class and learnt:
+            message = (f"training collapsed at {', '.join(map(str, one_class))} bits: there the network predicts one "
+                       f"class for every input (chance accuracy) while other trained bit-widths "
+                       f"have learnt; lower the learning rate (--lr) or train again with another --seed")
+        else:
+            return
         self.warnings.append(message)
         warnings.warn(message, stacklevel=3)
 
