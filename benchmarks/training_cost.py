@@ -10,7 +10,7 @@ measured afterwards on the test set: the trained bit-widths, and the untrained 3
 with each rule for deriving BatchNorm statistics, no data; anyprecision after BN re-calibration).
 
     python benchmarks/training_cost.py --quick     # CPU, Fashion-MNIST, about 40 minutes on 2 idle cores
-    python benchmarks/training_cost.py --long      # CPU, nearer convergence, under an hour
+    python benchmarks/training_cost.py --long      # CPU, nearer convergence, under an hour (anyprecision, one float model, emqnet)
     python benchmarks/training_cost.py --full --data-dir DIR --device cuda   # CIFAR-10, 5x width, 200 epochs
 
 Writes benchmarks/results/training_cost[-<tag>].json and the table to docs/benchmarks-training-cost.md
@@ -68,7 +68,7 @@ QUICK = dict(dataset="fashion-mnist", image_size=28, model="resnet20", width=0.5
              emqnet_epochs=12, train_subset=5000, test_subset=2000, batch_size=32, lr=0.05, device="cpu",
              threads=1, runs=",".join(DEFAULT_RUNS))
 LONG = dict(QUICK, epochs=15, emqnet_epochs=18, train_subset=10000, test_subset=5000,
-            runs="anyprecision,dedicated-32,emqnet,emqnet-2x")
+            runs="anyprecision,dedicated-32,emqnet")
 FULL = dict(dataset="cifar10", image_size=0, model="resnet20", width=5.0, bits="1,2,4,8,32", epochs=200,
             emqnet_epochs=240, train_subset=0, test_subset=0, batch_size=128, lr=0.1, device="cuda", threads=0,
             runs="anyprecision,anyprecision-recursive,dedicated-32,emqnet,emqnet-equal-epochs")
