@@ -87,12 +87,17 @@ def add_training_run_args(p: argparse.ArgumentParser, bits_help: str) -> None:
     p.add_argument("--lr", type=float)
 
 
-def apply_preset(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
-    """Fill options left unset (None) from the ``--full`` preset, else the ``--quick`` one."""
-    preset = full if args.full else quick
+def fill_preset(args: argparse.Namespace, preset: dict) -> argparse.Namespace:
+    """Options left unset (None) take the preset's value."""
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    return args
+
+
+def apply_preset(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
+    """Fill options left unset (None) from the ``--full`` preset, else the ``--quick`` one."""
+    fill_preset(args, full if args.full else quick)
     args.mode = "full" if args.full else "quick" if args.quick else "custom"
     if args.threads:
         torch.set_num_threads(args.threads)

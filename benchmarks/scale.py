@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT.parent / "src"
 sys.path.insert(0, str(ROOT))
-from common import RESULTS, command_line, fmt, markdown_table, write_markdown, write_results  # noqa: E402
+from common import (RESULTS, add_training_run_args, command_line, fill_preset, fmt, markdown_table,  # noqa: E402
+                    write_markdown, write_results)
 
 TARGET_RATIO = 1.7      # two processes on two cores: at least 1.7x the throughput of one
 TARGET_ACC_GAP = 1.0    # points of average test accuracy between the one- and two-process runs
@@ -54,10 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="short CPU runs (a few minutes)")
     mode.add_argument("--gpu", action="store_true", help="one GPU: anyprecision vs emqnet throughput")
     p.add_argument("--data-dir")
-    for name, kind in (("dataset", str), ("image-size", int), ("model", str), ("width", float), ("bits", str),
-                       ("method", str), ("epochs", int), ("train-subset", int), ("test-subset", int),
-                       ("batch-size", int), ("lr", float), ("device", str)):
-        p.add_argument(f"--{name}", type=kind)
+    add_training_run_args(p, "trained bit-widths")
+    p.add_argument("--method")
+    p.add_argument("--device")
     p.add_argument("--runs", help="CPU: PROCESSESxTHREADS[@SEED] items, e.g. 1x1,2x1,1x2,1x1@1 (default seed: "
                                   "--seed); --gpu: methods")
     p.add_argument("--seed", type=int, default=0)
@@ -65,10 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--keep", help="keep the run directories under this directory")
     args = p.parse_args(argv)
-    preset = GPU if args.gpu else QUICK if args.quick else CPU
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_preset(args, GPU if args.gpu else QUICK if args.quick else CPU)
     if args.gpu and args.data_dir and args.dataset == "synthetic":
         args.dataset = "cifar10"
     args.mode = "gpu" if args.gpu else "quick" if args.quick else "cpu"

@@ -34,7 +34,7 @@ from anybit.models import create
 from anybit.quant import PRECISION_BN_TYPES, UNTRAINED_RULES
 from anybit.report import environment, format_table
 from anybit.train import MultiBitTrainer, TrainConfig, recalibrate_bn
-from common import add_training_run_args, command_line, load_data, write_json  # benchmarks/common.py
+from common import add_training_run_args, command_line, fill_preset, load_data, write_json  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -91,10 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-doc", action="store_true", help="do not rewrite the docs page")
     p.add_argument("--report-only", metavar="JSON", help="only rebuild the table and doc from a results file")
     args = p.parse_args(argv)
-    preset = FULL if args.full else LONG if args.long else QUICK
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_preset(args, FULL if args.full else LONG if args.long else QUICK)
     args.bits = [int(b) for b in str(args.bits).split(",")]
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in args.runs if r not in RUNS]

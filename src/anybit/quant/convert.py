@@ -306,10 +306,7 @@ def check_layers_run(model: nn.Module, example_input, warn: bool = True) -> list
         for layer in layers.values():
             layer.set_bits(FLOAT_BITS, FLOAT_BITS)
         with torch.no_grad():
-            if is_keyword_inputs(example_input):
-                model(**example_input)
-            else:
-                model(*args)
+            model(**example_input) if is_keyword_inputs(example_input) else model(*args)
     finally:
         model.train(was_training)
         for name, pair in saved.items():
